@@ -1,0 +1,1 @@
+"""The MoE-LoRA inference engine."""
