@@ -7,17 +7,33 @@ Contract of `lora_linear` (Triton) and `lora_linear_ref`; adds the delta into y 
     A             [S, n_slices * R, in]  slice i's A in rows [i*R, (i+1)*R), zero-padded past its rank
     B             [S, out_total, R]      slice i's B in rows [offsets[i], offsets[i+1])
     slice_offsets host tuple of n_slices + 1 ints, offsets[0] == 0, offsets[-1] == out_total
-    token_slot    [T] int32, -1 = no adapter (row untouched)
+    token_slot    [T] int32, -1 = no adapter (row untouched); ids >= S are treated as -1
+    slot_rank     optional [S] int32: slot s uses only ranks [0, slot_rank[s]) (the rest is ignored)
 
     y[t, o_i:o_{i+1}] += B[s, o_i:o_{i+1}] @ (A[s, i*R:(i+1)*R] @ x[t])     for s = token_slot[t] >= 0
 
-The Triton path sorts tokens by slot on the device (`LoraBatch`), so its grid scales with the number of
-adapters in the batch, not with the batch size.
+The Triton path sorts tokens by slot on the device (`LoraBatch`, built once per step by
+`build_lora_batch` and reused by every layer), so its grid scales with the number of adapter slots,
+not with the batch size: grid = (S, cdiv(T, BLOCK_M), output tiles), and a program whose rows lie
+past its slot's segment exits before loading anything. Nothing here syncs with the host.
+
+Two schedules (picked by the launcher from the host token count, or forced with `mode=`):
+- "fused" (decode and small prefill): one launch; every program recomputes the shrink
+  z = x_rows @ A_slice^T (BLOCK_M x R, K = in) for its own slice and expands it into its output
+  tile. The recompute is cheap while BLOCK_M is small and saves a launch and a round trip for z.
+- "split" (large T): a shrink launch writes z [T, n_slices * R] in fp32 (rows in sorted order), then
+  an expand launch reads it. `scratch=` takes a preallocated fp32 buffer of at least T x n_slices*R.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from typing import NamedTuple
+
 import torch
+import triton
+import triton.language as tl
 
 
 def lora_linear_ref(
@@ -36,4 +52,313 @@ def lora_linear_ref(
         for i in range(len(slice_offsets) - 1):
             lo, hi = slice_offsets[i], slice_offsets[i + 1]
             y[rows, lo:hi] += (z[:, i * R : (i + 1) * R] @ B[s, lo:hi].float().T).to(y.dtype)
+    return y
+
+
+class LoraBatch(NamedTuple):
+    """Tokens of one step grouped by adapter slot; built on the device once per step."""
+
+    sorted_tokens: torch.Tensor  # [T] int32 token rows, stable-sorted by slot; slot -1 rows come last
+    seg_start: torch.Tensor  # [S] int32 first position of slot s in sorted_tokens
+    seg_len: torch.Tensor  # [S] int32 number of tokens on slot s (0 = the slot's programs exit)
+    num_tokens: int  # host bound T (the grid's row extent)
+
+
+def build_lora_batch(token_slot: torch.Tensor, num_slots: int) -> LoraBatch:
+    """Group tokens by slot with device ops only (stable sort + histogram + exclusive cumsum).
+
+    Example, S = 3: token_slot [2, -1, 0, 2, 0] -> sorted_tokens [2, 4, 0, 3, 1],
+    seg_start [0, 2, 2], seg_len [2, 0, 2]. Capturable in a CUDA graph (no host sync).
+    """
+    T = token_slot.shape[0]
+    dev = token_slot.device
+    slot = token_slot.to(torch.int64)
+    # -1 and out-of-range ids sort into an extra bucket S that no program reads.
+    key = torch.where((slot >= 0) & (slot < num_slots), slot, torch.full_like(slot, num_slots))
+    order = torch.sort(key, stable=True).indices.to(torch.int32)
+    counts = torch.zeros(num_slots + 1, dtype=torch.int32, device=dev)
+    counts.scatter_add_(0, key, torch.ones(T, dtype=torch.int32, device=dev))
+    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    return LoraBatch(order, starts[:num_slots], counts[:num_slots], T)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    # pointers
+    x_ptr,  # [T, K] activations
+    a_ptr,  # [S, N_SLICES * R, K] LoRA A slab
+    z_ptr,  # [T, N_SLICES * R] fp32 out, row = position in sorted order
+    sorted_ptr,  # [T] int32 token rows sorted by slot
+    seg_start_ptr,  # [S] int32
+    seg_len_ptr,  # [S] int32
+    slot_rank_ptr,  # [S] int32 (read only when HAS_RANK)
+    # sizes
+    K,
+    R,  # rank stride between slices (the slab's max rank)
+    # strides
+    stride_xt, stride_xk,
+    stride_as, stride_ar, stride_ak,
+    stride_zt, stride_zr,
+    # meta
+    HAS_RANK: tl.constexpr,
+    CAST_FP32: tl.constexpr,  # interpreter: bf16 tl.dot is wrong there
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # next power of two >= R, >= 16
+    BLOCK_K: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    slice_idx = tl.program_id(2)
+    seg_len = tl.load(seg_len_ptr + slot)
+    if pid_m * BLOCK_M >= seg_len:
+        return  # empty segment or rows past it: exit before any load
+    seg_start = tl.load(seg_start_ptr + slot)
+    rank = R
+    if HAS_RANK:
+        rank = tl.minimum(tl.load(slot_rank_ptr + slot), R)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seg_len
+    tok = tl.load(sorted_ptr + seg_start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk
+    a_rows = (slice_idx * R + offs_r).to(tl.int64)
+    a_ptrs = a_ptr + slot.to(tl.int64) * stride_as + a_rows[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        xb = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        ab = tl.load(a_ptrs, mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
+        if CAST_FP32:
+            xb = xb.to(tl.float32)
+            ab = ab.to(tl.float32)
+        acc += tl.dot(xb, ab)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+
+    pos = (seg_start + offs_m).to(tl.int64)
+    z_ptrs = z_ptr + pos[:, None] * stride_zt + (slice_idx * R + offs_r)[None, :] * stride_zr
+    tl.store(z_ptrs, acc, mask=mask_m[:, None] & (offs_r < R)[None, :])
+
+
+@triton.jit
+def _lora_expand_kernel(
+    # pointers
+    x_ptr,  # [T, K] activations (read only when SHRINK_INLINE)
+    a_ptr,  # [S, N_SLICES * R, K] (read only when SHRINK_INLINE)
+    z_ptr,  # [T, N_SLICES * R] fp32 from the shrink launch (read only when not SHRINK_INLINE)
+    b_ptr,  # [S, N_out, R] LoRA B slab
+    y_ptr,  # [T, N_out] updated in place
+    tiles_ptr,  # [n_tiles, 3] int32: (slice, first column, slice end column)
+    sorted_ptr, seg_start_ptr, seg_len_ptr, slot_rank_ptr,
+    # sizes
+    K,
+    R,
+    # strides
+    stride_xt, stride_xk,
+    stride_as, stride_ar, stride_ak,
+    stride_zt, stride_zr,
+    stride_bs, stride_bn, stride_br,
+    stride_yt, stride_yn,
+    # meta
+    SHRINK_INLINE: tl.constexpr,
+    HAS_RANK: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    tile = tl.program_id(2)
+    seg_len = tl.load(seg_len_ptr + slot)
+    if pid_m * BLOCK_M >= seg_len:
+        return
+    seg_start = tl.load(seg_start_ptr + slot)
+    slice_idx = tl.load(tiles_ptr + tile * 3)
+    n0 = tl.load(tiles_ptr + tile * 3 + 1)
+    n_end = tl.load(tiles_ptr + tile * 3 + 2)
+    rank = R
+    if HAS_RANK:
+        rank = tl.minimum(tl.load(slot_rank_ptr + slot), R)
+    slot64 = slot.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seg_len
+    tok = tl.load(sorted_ptr + seg_start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+
+    # z [BLOCK_M, BLOCK_R] fp32: this slice's shrink for the tile's rows.
+    if SHRINK_INLINE:
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk
+        a_rows = (slice_idx * R + offs_r).to(tl.int64)
+        a_ptrs = a_ptr + slot64 * stride_as + a_rows[None, :] * stride_ar + offs_k[:, None] * stride_ak
+        z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = offs_k < K - k0
+            xb = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            ab = tl.load(a_ptrs, mask=mask_r[None, :] & mask_k[:, None], other=0.0)
+            if CAST_FP32:
+                xb = xb.to(tl.float32)
+                ab = ab.to(tl.float32)
+            z += tl.dot(xb, ab)
+            x_ptrs += BLOCK_K * stride_xk
+            a_ptrs += BLOCK_K * stride_ak
+    else:
+        pos = (seg_start + offs_m).to(tl.int64)
+        z_ptrs = z_ptr + pos[:, None] * stride_zt + (slice_idx * R + offs_r)[None, :] * stride_zr
+        z = tl.load(z_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    z = tl.where(mask_r[None, :], z, 0.0)  # ranks past slot_rank contribute nothing
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_end
+    b_ptrs = b_ptr + slot64 * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
+    bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+    if CAST_FP32:
+        delta = tl.dot(z, bt.to(tl.float32))
+    else:
+        delta = tl.dot(z.to(bt.dtype), bt)
+    y_ptrs = y_ptr + tok[:, None] * stride_yt + offs_n[None, :] * stride_yn
+    mask = mask_m[:, None] & mask_n[None, :]
+    y_old = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y_old.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+# Largest T served by the fused schedule; past it the recomputed shrink costs more than a launch.
+FUSED_MAX_TOKENS = 64
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_table(slice_offsets: tuple[int, ...], block_n: int, device: str) -> torch.Tensor:
+    """Output tiles that never straddle two slices: rows (slice, first column, slice end)."""
+    rows = []
+    for i in range(len(slice_offsets) - 1):
+        lo, hi = slice_offsets[i], slice_offsets[i + 1]
+        rows += [(i, n, hi) for n in range(lo, hi, block_n)]
+    return torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1, 3)
+
+
+def _block_m(T: int) -> int:
+    return 16 if T <= 16 else 32 if T <= 64 else 64
+
+
+def _check(
+    x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    slice_offsets: tuple[int, ...], token_slot: torch.Tensor,
+) -> None:
+    if x.dim() != 2 or y.dim() != 2 or A.dim() != 3 or B.dim() != 3:
+        raise ValueError(f"lora_linear: x/y must be 2-D and A/B 3-D, got {x.shape} {y.shape} {A.shape} {B.shape}")
+    T, K = x.shape
+    S, nR, R = A.shape[0], A.shape[1], B.shape[2]
+    n = len(slice_offsets) - 1
+    if n < 1 or slice_offsets[0] != 0 or list(slice_offsets) != sorted(slice_offsets):
+        raise ValueError(f"lora_linear: slice_offsets {slice_offsets} must start at 0 and not decrease")
+    if y.shape != (T, slice_offsets[-1]) or B.shape[:2] != (S, slice_offsets[-1]):
+        raise ValueError(f"lora_linear: y {tuple(y.shape)} / B {tuple(B.shape)} do not match slices {slice_offsets}")
+    if A.shape[2] != K or nR != n * R:
+        raise ValueError(f"lora_linear: A {tuple(A.shape)} must be [S, {n}*{R}, {K}]")
+    if token_slot.shape != (T,) or token_slot.dtype != torch.int32:
+        raise ValueError(f"lora_linear: token_slot must be [T={T}] int32, got {tuple(token_slot.shape)} {token_slot.dtype}")
+    if not (x.dtype == y.dtype == A.dtype == B.dtype):
+        raise ValueError(f"lora_linear: dtypes differ: x {x.dtype} y {y.dtype} A {A.dtype} B {B.dtype}")
+    if len({x.device, y.device, A.device, B.device, token_slot.device}) != 1:
+        raise ValueError("lora_linear: all tensors must be on one device")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slice_offsets: tuple[int, ...],
+    token_slot: torch.Tensor,
+    *,
+    batch: LoraBatch | None = None,
+    slot_rank: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+    mode: str = "auto",
+) -> torch.Tensor:
+    """Triton `lora_linear`: y += per-slot LoRA delta, in place; returns y.
+
+    batch: the step's `build_lora_batch(token_slot, S)` (built here when None).
+    scratch: fp32 buffer with >= T * n_slices * R elements for the split schedule (allocated when None).
+    mode: "auto" | "fused" | "split".
+    """
+    slice_offsets = tuple(int(o) for o in slice_offsets)
+    _check(x, y, A, B, slice_offsets, token_slot)
+    T, K = x.shape
+    S, R = A.shape[0], B.shape[2]
+    n_slices = len(slice_offsets) - 1
+    if T == 0 or S == 0 or slice_offsets[-1] == 0 or R == 0:
+        return y
+    if batch is None:
+        batch = build_lora_batch(token_slot, S)
+    if batch.seg_len.shape[0] != S or batch.num_tokens != T:
+        raise ValueError(f"lora_linear: batch built for {batch.seg_len.shape[0]} slots / {batch.num_tokens} tokens, "
+                         f"layer has {S} slots / {T} tokens")
+    if slot_rank is not None and (slot_rank.shape != (S,) or slot_rank.dtype != torch.int32):
+        raise ValueError(f"lora_linear: slot_rank must be [S={S}] int32")
+    if mode == "auto":
+        mode = "fused" if T <= FUSED_MAX_TOKENS else "split"
+    if mode not in ("fused", "split"):
+        raise ValueError(f"lora_linear: unknown mode {mode!r}")
+
+    block_m = _block_m(T)
+    block_n = 128 if slice_offsets[-1] >= 1024 else 64
+    block_r = max(16, triton.next_power_of_2(R))
+    block_k = 64
+    tiles = _tile_table(slice_offsets, block_n, str(x.device))
+    rank_arg = slot_rank if slot_rank is not None else batch.seg_len
+    cast = _interpreting()
+    grid_m = triton.cdiv(T, block_m)
+
+    if mode == "split":
+        need = T * n_slices * R
+        if scratch is None:
+            z = torch.empty(T, n_slices * R, dtype=torch.float32, device=x.device)
+        else:
+            if scratch.dtype != torch.float32 or scratch.numel() < need:
+                raise ValueError(f"lora_linear: scratch must be fp32 with >= {need} elements")
+            z = scratch.reshape(-1)[:need].view(T, n_slices * R)
+        _lora_shrink_kernel[(S, grid_m, n_slices)](
+            x, A, z, batch.sorted_tokens, batch.seg_start, batch.seg_len, rank_arg,
+            K, R,
+            x.stride(0), x.stride(1),
+            A.stride(0), A.stride(1), A.stride(2),
+            z.stride(0), z.stride(1),
+            HAS_RANK=slot_rank is not None, CAST_FP32=cast,
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+        )
+    else:
+        z = y  # unused pointer in the fused schedule
+    _lora_expand_kernel[(S, grid_m, tiles.shape[0])](
+        x, A, z, B, y, tiles, batch.sorted_tokens, batch.seg_start, batch.seg_len, rank_arg,
+        K, R,
+        x.stride(0), x.stride(1),
+        A.stride(0), A.stride(1), A.stride(2),
+        z.stride(0), z.stride(1),
+        B.stride(0), B.stride(1), B.stride(2),
+        y.stride(0), y.stride(1),
+        SHRINK_INLINE=mode == "fused", HAS_RANK=slot_rank is not None, CAST_FP32=cast,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k,
+    )
     return y

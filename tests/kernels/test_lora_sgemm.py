@@ -1,0 +1,153 @@
+"""lora_linear (Triton, adapter-sorted) == lora_linear_ref, and build_lora_batch's grouping contract.
+
+On the CPU these run under TRITON_INTERPRET=1 (set by tests/conftest.py before this module imports
+triton kernels), with tiny shapes; the `gpu` cases use layer-sized shapes in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorax.kernels.lora_sgemm import build_lora_batch, lora_linear, lora_linear_ref
+
+# dtype -> (atol, rtol) for y after the add; the kernel rounds once, the reference once per slice.
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 4e-2)}
+
+
+def _slots(kind: str, T: int, S: int) -> torch.Tensor:
+    if kind == "mixed":
+        return torch.randint(-1, S, (T,), dtype=torch.int32)
+    if kind == "one":  # every token on the last slot
+        return torch.full((T,), S - 1, dtype=torch.int32)
+    if kind == "none":
+        return torch.full((T,), -1, dtype=torch.int32)
+    if kind == "out_of_range":  # ids >= S behave as -1
+        s = torch.randint(-1, S + 3, (T,), dtype=torch.int32)
+        return s
+    raise ValueError(kind)
+
+
+def _problem(T, K, slices, S, R, dtype, device, kind):
+    offs = [0]
+    for w in slices:
+        offs.append(offs[-1] + w)
+    x = torch.randn(T, K, dtype=dtype, device=device)
+    y = torch.randn(T, offs[-1], dtype=dtype, device=device)
+    A = (torch.randn(S, len(slices) * R, K, dtype=dtype, device=device) / K**0.5).contiguous()
+    B = torch.randn(S, offs[-1], R, dtype=dtype, device=device) / R**0.5
+    slot = _slots(kind, T, S).to(device)
+    return x, y, A, B, tuple(offs), slot
+
+
+def _ref_slots(slot: torch.Tensor, S: int) -> torch.Tensor:
+    return torch.where(slot < S, slot, torch.full_like(slot, -1))
+
+
+# (T, K, slice widths, S, R, slot kind, mode)
+CPU_CASES = [
+    (1, 32, (24,), 2, 16, "mixed", "auto"),  # decode, one token
+    (7, 40, (24, 8, 8), 3, 16, "mixed", "fused"),  # qkv with GQA widths, odd T and K
+    (7, 40, (24, 8, 8), 3, 16, "mixed", "split"),
+    (19, 33, (20, 12), 4, 8, "one", "fused"),  # all tokens on one adapter, rank below the tile
+    (19, 33, (20, 12), 4, 8, "one", "split"),
+    (5, 16, (16,), 2, 1, "mixed", "auto"),  # rank 1
+    (9, 24, (40,), 3, 32, "out_of_range", "split"),  # max rank, ids >= S are no-adapter
+    (6, 24, (16, 16), 2, 16, "none", "fused"),  # no adapter at all: y untouched
+    (0, 24, (16,), 2, 16, "mixed", "auto"),  # empty input
+]
+
+
+@pytest.mark.parametrize("T,K,slices,S,R,kind,mode", CPU_CASES)
+def test_lora_linear_matches_ref(T, K, slices, S, R, kind, mode, device):
+    dtype = torch.float32
+    x, y, A, B, offs, slot = _problem(T, K, slices, S, R, dtype, device, kind)
+    expect = lora_linear_ref(x, y.clone(), A, B, offs, _ref_slots(slot, S))
+    y0 = y.clone()
+    got = lora_linear(x, y, A, B, offs, slot, mode=mode)
+    assert got.data_ptr() == y.data_ptr()  # in place
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, expect, atol=atol, rtol=rtol)
+    untouched = (slot < 0) | (slot >= S)
+    assert torch.equal(got[untouched], y0[untouched])  # -1 rows bit-identical
+
+
+def test_fp16_and_strided_views(device):
+    # y is a column slice of a wider output and x a strided view, as a fused qkv layer would pass.
+    T, K, S, R = 11, 48, 3, 16
+    x_full = torch.randn(T, 2 * K, dtype=torch.float16, device=device)
+    x = x_full[:, ::2]
+    out = torch.randn(T, 80, dtype=torch.float16, device=device)
+    y = out[:, 8:72]
+    A = torch.randn(S, 2 * R, K, dtype=torch.float16, device=device) / K**0.5
+    B = torch.randn(S, 64, R, dtype=torch.float16, device=device) / R**0.5
+    slot = torch.randint(-1, S, (T,), dtype=torch.int32, device=device)
+    expect = lora_linear_ref(x, y.clone(), A, B, (0, 48, 64), slot)
+    lora_linear(x, y, A, B, (0, 48, 64), slot)
+    atol, rtol = TOL[torch.float16]
+    torch.testing.assert_close(y, expect, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_slot_rank_clips(mode, device):
+    # Mixed ranks: slot s uses ranks [0, rank[s]); values past it are garbage and must be ignored.
+    T, K, S, R = 10, 32, 3, 16
+    ranks = torch.tensor([4, 16, 1], dtype=torch.int32)
+    x, y, A, B, offs, slot = _problem(T, K, (24, 8), S, R, torch.float32, device, "mixed")
+    A_clean, B_clean = A.clone(), B.clone()
+    for s, r in enumerate(ranks.tolist()):
+        for i in range(2):
+            A_clean[s, i * R + r : (i + 1) * R] = 0
+        B_clean[s, :, r:] = 0
+    expect = lora_linear_ref(x, y.clone(), A_clean, B_clean, offs, slot)
+    lora_linear(x, y, A, B, offs, slot, slot_rank=ranks.to(device), mode=mode)
+    torch.testing.assert_close(y, expect, atol=1e-4, rtol=1e-4)
+
+
+def test_build_lora_batch_contract():
+    slot = torch.tensor([2, -1, 0, 2, 0, 5], dtype=torch.int32)
+    b = build_lora_batch(slot, 3)
+    assert b.sorted_tokens.tolist()[:4] == [2, 4, 0, 3]  # stable within a slot
+    assert sorted(b.sorted_tokens.tolist()[4:]) == [1, 5]  # -1 and out-of-range last
+    assert b.seg_start.tolist() == [0, 2, 2]
+    assert b.seg_len.tolist() == [2, 0, 2]
+    assert b.sorted_tokens.dtype == b.seg_start.dtype == b.seg_len.dtype == torch.int32
+    assert b.num_tokens == 6
+
+
+def test_batch_reused_across_layers(device):
+    # One LoraBatch per step serves layers of different widths.
+    T, S, R = 9, 3, 16
+    slot = torch.randint(-1, S, (T,), dtype=torch.int32, device=device)
+    batch = build_lora_batch(slot, S)
+    for K, slices in [(32, (24, 8, 8)), (24, (32,))]:
+        x, y, A, B, offs, _ = _problem(T, K, slices, S, R, torch.float32, device, "mixed")
+        expect = lora_linear_ref(x, y.clone(), A, B, offs, slot)
+        lora_linear(x, y, A, B, offs, slot, batch=batch)
+        torch.testing.assert_close(y, expect, atol=1e-4, rtol=1e-4)
+
+
+def test_rejects_bad_shapes(device):
+    x, y, A, B, offs, slot = _problem(4, 16, (16,), 2, 16, torch.float32, device, "mixed")
+    with pytest.raises(ValueError, match="slice"):
+        lora_linear(x, y, A, B, (0, 8), slot)
+    with pytest.raises(ValueError, match="int32"):
+        lora_linear(x, y, A, B, offs, slot.long())
+    with pytest.raises(ValueError, match="dtypes"):
+        lora_linear(x.half(), y, A, B, offs, slot)
+
+
+# GPU: Qwen3-30B-A3B qkv (hidden 2048 -> q 4096, k 512, v 512) and o_proj, 4 adapters rank 16.
+GPU_CASES = [(T, dt, mode) for T in (1, 8, 33, 128, 512, 2048) for dt in (torch.bfloat16, torch.float16)
+             for mode in ("fused", "split")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,dtype,mode", GPU_CASES)
+def test_lora_linear_gpu(T, dtype, mode):
+    for K, slices in [(2048, (4096, 512, 512)), (4096, (2048,))]:
+        x, y, A, B, offs, slot = _problem(T, K, slices, 4, 16, dtype, "cuda", "mixed")
+        expect = lora_linear_ref(x, y.clone(), A, B, offs, slot)
+        lora_linear(x, y, A, B, offs, slot, mode=mode)
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(y, expect, atol=atol, rtol=rtol)
