@@ -84,3 +84,218 @@ def virtual_expert_ids_ref(topk_ids: torch.Tensor, token_slot: torch.Tensor, num
     vid = slot * num_experts + topk_ids.to(torch.int32)
     neg = (slot < 0) | (topk_ids < 0) | (topk_ids >= num_experts)
     return torch.where(neg, torch.full_like(vid, -1), vid)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton implementation: count (atomics give each pair its rank) -> prefix sum -> scatter + block fill.
+# Three launches plus one memset of the [E] counter; no host sync, no sort, no cap on num_experts.
+# ----------------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (kernels then cast tl.dot operands to fp32: bf16 dot is wrong there)."""
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # pragma: no cover - older triton
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _pair_key(
+    topk_ids_ptr, token_slot_ptr, offs_n, mask_n,
+    TOPK, base_experts, num_experts,
+    HAS_SLOT: tl.constexpr,
+):
+    """Bucket of each flat pair n = t*TOPK + j: its (virtual) expert id, or num_experts for a sentinel."""
+    ids = tl.load(topk_ids_ptr + offs_n, mask=mask_n, other=-1)
+    if HAS_SLOT:
+        # virtual expert slot * E + e; a negative slot or a sentinel expert id stays a sentinel
+        slot = tl.load(token_slot_ptr + offs_n // TOPK, mask=mask_n, other=-1)
+        bad = (slot < 0) | (ids < 0) | (ids >= base_experts)
+        ids = tl.where(bad, -1, slot * base_experts + ids)
+    valid = mask_n & (ids >= 0) & (ids < num_experts)
+    return tl.where(valid, ids, num_experts), valid
+
+
+@triton.jit
+def _moe_count_kernel(
+    # pointers
+    topk_ids_ptr,  # [N] int32 flat pairs
+    token_slot_ptr,  # [T] int32 (read only when HAS_SLOT)
+    counts_ptr,  # [num_experts] int32, zeroed by the launcher
+    rank_ptr,  # [N] int32 out: position of the pair inside its expert's run
+    # sizes
+    N, TOPK, base_experts, num_experts,
+    # meta
+    HAS_SLOT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    key, valid = _pair_key(topk_ids_ptr, token_slot_ptr, offs_n, mask_n, TOPK, base_experts, num_experts,
+                           HAS_SLOT)
+    # each lane's atomic returns the old count: a distinct rank per pair (order inside an expert is
+    # whatever the hardware serialises; consumers treat rows independently, so it does not matter)
+    rank = tl.atomic_add(counts_ptr + key, tl.full([BLOCK_N], 1, tl.int32), mask=valid)
+    tl.store(rank_ptr + offs_n, rank, mask=mask_n)
+
+
+@triton.jit
+def _moe_prefix_kernel(
+    counts_ptr,  # [E] int32 pairs per expert
+    starts_ptr,  # [E] int32 out: first position of each expert's padded run
+    block_ends_ptr,  # [E] int32 out: inclusive prefix sum of blocks per expert
+    num_padded_ptr,  # [1] int32 out
+    num_experts, block_m,
+    BLOCK_E: tl.constexpr,
+):
+    # one program walks the experts in chunks, carrying the running total (E = 65536 is 64 chunks)
+    carry = tl.zeros([], dtype=tl.int32)
+    for e0 in range(0, num_experts, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < num_experts
+        cnt = tl.load(counts_ptr + offs_e, mask=mask_e, other=0)
+        padded = (cnt + block_m - 1) // block_m * block_m
+        incl = tl.cumsum(padded, axis=0) + carry
+        tl.store(starts_ptr + offs_e, incl - padded, mask=mask_e)
+        tl.store(block_ends_ptr + offs_e, incl // block_m, mask=mask_e)
+        carry += tl.sum(padded, axis=0)
+    tl.store(num_padded_ptr, carry)
+
+
+@triton.jit
+def _moe_scatter_kernel(
+    # pointers
+    topk_ids_ptr, token_slot_ptr,
+    counts_ptr, starts_ptr, block_ends_ptr, num_padded_ptr, rank_ptr,
+    sorted_ids_ptr,  # [max_padded] int32 out
+    block_expert_ptr,  # [max_blocks] int32 out
+    # sizes
+    N, TOPK, base_experts, num_experts, block_m, max_blocks, pair_programs,
+    # meta
+    HAS_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_BM: tl.constexpr,
+    LOG_E: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < pair_programs:
+        # role 1: put each valid pair at start[expert] + rank
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        key, valid = _pair_key(topk_ids_ptr, token_slot_ptr, offs_n, mask_n, TOPK, base_experts,
+                               num_experts, HAS_SLOT)
+        rank = tl.load(rank_ptr + offs_n, mask=valid, other=0)
+        start = tl.load(starts_ptr + key, mask=valid, other=0)
+        tl.store(sorted_ids_ptr + start + rank, offs_n, mask=valid)
+    else:
+        # role 2: BLOCK_B blocks: owner expert by binary search over block_ends, pads past each count
+        offs_b = (pid - pair_programs) * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < max_blocks
+        total_blocks = tl.load(num_padded_ptr) // block_m
+        lo = tl.zeros([BLOCK_B], dtype=tl.int32)
+        hi = tl.zeros([BLOCK_B], dtype=tl.int32) + num_experts
+        for _ in range(LOG_E):  # smallest e with block_ends[e] > b
+            mid = (lo + hi) // 2
+            go_right = tl.load(block_ends_ptr + mid, mask=lo < hi, other=0) <= offs_b
+            lo = tl.where((lo < hi) & go_right, mid + 1, lo)
+            hi = tl.where((lo < hi) & ~go_right, mid, hi)
+        live = mask_b & (offs_b < total_blocks)
+        owner = tl.where(live, lo, -1)
+        tl.store(block_expert_ptr + offs_b, owner, mask=mask_b)
+        start = tl.load(starts_ptr + owner, mask=live, other=0)
+        count = tl.load(counts_ptr + owner, mask=live, other=0)
+        offs_m = tl.arange(0, BLOCK_BM)
+        pos = offs_b[:, None] * block_m + offs_m[None, :]  # [BLOCK_B, BLOCK_BM]
+        in_block = mask_b[:, None] & (offs_m[None, :] < block_m)
+        is_pad = (~live[:, None]) | (pos - start[:, None] >= count[:, None])
+        tl.store(sorted_ids_ptr + pos, tl.zeros_like(pos) + N, mask=in_block & is_pad)
+
+
+def moe_align(
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    block_m: int,
+    *,
+    token_slot: torch.Tensor | None = None,
+    base_experts: int | None = None,
+    out: MoEAlignment | None = None,
+) -> MoEAlignment:
+    """Triton alignment with the contract above (3 launches + a memset, no host sync).
+
+    With `token_slot` [T] and `base_experts` E, the virtual ids slot * E + e are formed inside the first
+    pass (num_experts must then be slots * E). `out` may hold preallocated buffers of the right sizes
+    (for CUDA graphs); they are fully overwritten.
+    """
+    if topk_ids.dim() != 2 or topk_ids.dtype != torch.int32:
+        raise ValueError(f"moe_align: topk_ids must be [T, k] int32, got {tuple(topk_ids.shape)} {topk_ids.dtype}")
+    if num_experts < 1 or block_m < 1:
+        raise ValueError(f"moe_align: num_experts ({num_experts}) and block_m ({block_m}) must be >= 1")
+    has_slot = token_slot is not None
+    if has_slot:
+        assert token_slot is not None
+        if base_experts is None or token_slot.shape != (topk_ids.shape[0],) or token_slot.dtype != torch.int32:
+            raise ValueError("moe_align: token_slot must be [T] int32 and base_experts given")
+    ids = topk_ids.contiguous()
+    device = ids.device
+    num_pairs = ids.numel()
+    topk = ids.shape[1]
+    max_padded = max_padded_size(num_pairs, num_experts, block_m)
+    max_blocks = max_padded // block_m
+    if out is None:
+        out = MoEAlignment(
+            torch.empty(max_padded, dtype=torch.int32, device=device),
+            torch.empty(max_blocks, dtype=torch.int32, device=device),
+            torch.empty(1, dtype=torch.int32, device=device),
+        )
+    elif out.sorted_ids.numel() != max_padded or out.block_expert.numel() != max_blocks:
+        raise ValueError(f"moe_align: out buffers must be sized {max_padded} / {max_blocks}")
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    work = torch.empty(2 * num_experts + max(num_pairs, 1), dtype=torch.int32, device=device)
+    starts, block_ends, rank = work[:num_experts], work[num_experts : 2 * num_experts], work[2 * num_experts :]
+    slot_arg = token_slot if has_slot else ids
+    block_n = 256
+    pair_programs = triton.cdiv(num_pairs, block_n)
+    if pair_programs:
+        _moe_count_kernel[(pair_programs,)](
+            ids, slot_arg, counts, rank, num_pairs, topk, base_experts or num_experts, num_experts,
+            HAS_SLOT=has_slot, BLOCK_N=block_n,
+        )
+    _moe_prefix_kernel[(1,)](counts, starts, block_ends, out.num_padded, num_experts, block_m, BLOCK_E=1024)
+    block_b = 16
+    _moe_scatter_kernel[(pair_programs + triton.cdiv(max_blocks, block_b),)](
+        ids, slot_arg, counts, starts, block_ends, out.num_padded, rank, out.sorted_ids, out.block_expert,
+        num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks, pair_programs,
+        HAS_SLOT=has_slot, BLOCK_N=block_n, BLOCK_B=block_b, BLOCK_BM=triton.next_power_of_2(block_m),
+        LOG_E=max(1, num_experts.bit_length()),
+    )
+    return out
+
+
+@triton.jit
+def _virtual_ids_kernel(
+    topk_ids_ptr, token_slot_ptr, vid_ptr,
+    N, TOPK, base_experts,
+    BLOCK_N: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    ids = tl.load(topk_ids_ptr + offs_n, mask=mask_n, other=-1)
+    slot = tl.load(token_slot_ptr + offs_n // TOPK, mask=mask_n, other=-1)
+    bad = (slot < 0) | (ids < 0) | (ids >= base_experts)
+    tl.store(vid_ptr + offs_n, tl.where(bad, -1, slot * base_experts + ids), mask=mask_n)
+
+
+def virtual_expert_ids(topk_ids: torch.Tensor, token_slot: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Triton `virtual_expert_ids_ref`: [T, k] int32 slot * E + e, -1 for any sentinel (never a valid id)."""
+    if topk_ids.dim() != 2 or topk_ids.dtype != torch.int32 or token_slot.shape != (topk_ids.shape[0],):
+        raise ValueError("virtual_expert_ids: topk_ids must be [T, k] int32 and token_slot [T]")
+    ids = topk_ids.contiguous()
+    vid = torch.empty_like(ids)
+    n = ids.numel()
+    if n:
+        _virtual_ids_kernel[(triton.cdiv(n, 1024),)](ids, token_slot.to(torch.int32).contiguous(), vid, n,
+                                                     ids.shape[1], num_experts, BLOCK_N=1024)
+    return vid
