@@ -18,7 +18,12 @@ block * block_size + offset. Contracts of the Triton kernels and the references:
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
+import triton
+import triton.language as tl
 
 
 def store_kv_ref(
@@ -65,4 +70,420 @@ def paged_attention_ref(
         scores = scores.masked_fill(kpos[None, None, :] > qpos[None, :, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, vals).to(q.dtype)
+    return out
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------
+# store_kv
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_kv_kernel(
+    # pointers
+    k_ptr, v_ptr,  # [T, n_kv, D]
+    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, n_kv, D], same strides
+    slot_ptr,  # [T] int64, -1 = skip
+    # sizes
+    n_kv, D, block_size,
+    # strides
+    stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd,
+    stride_cb, stride_co, stride_ch, stride_cd,
+    # meta
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    blk = slot // block_size
+    off = slot % block_size
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h < n_kv)[:, None] & (offs_d < D)[None, :]
+    cache_offs = blk * stride_cb + off * stride_co + offs_h[:, None] * stride_ch + offs_d[None, :] * stride_cd
+    k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
+    tl.store(k_cache_ptr + cache_offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
+    tl.store(v_cache_ptr + cache_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Triton `store_kv`: one program per token row; rows with slot -1 exit at once."""
+    if k.dim() != 3 or k.shape != v.shape or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"store_kv: k/v [T, n_kv, D] and caches [blocks, bs, n_kv, D] expected, got "
+                         f"{tuple(k.shape)} {tuple(v.shape)} {tuple(k_cache.shape)} {tuple(v_cache.shape)}")
+    if k_cache.shape[2:] != k.shape[1:] or k_cache.stride() != v_cache.stride():
+        raise ValueError("store_kv: cache heads/dim differ from k/v, or k_cache and v_cache strides differ")
+    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != torch.int64:
+        raise ValueError(f"store_kv: slot_mapping must be [T={k.shape[0]}] int64")
+    T, n_kv, D = k.shape
+    if T == 0:
+        return
+    _store_kv_kernel[(T,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        n_kv, D, k_cache.shape[1],
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        BLOCK_H=triton.next_power_of_2(n_kv), BLOCK_D=triton.next_power_of_2(D),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill (varlen, causal, chunked: earlier chunks already in the cache)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_kernel(
+    # pointers
+    q_ptr,  # [T, n_h, D]
+    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, n_kv, D], same strides
+    out_ptr,  # [T, n_h, D]
+    tables_ptr,  # [B, max_blocks] int32
+    ctx_ptr,  # [B] int32 cached tokens including this step's
+    qsl_ptr,  # [B + 1] int32 query_start_loc
+    # sizes
+    qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    block_size,
+    GROUP,  # n_h // n_kv
+    D,
+    # strides
+    stride_qt, stride_qh, stride_qd,
+    stride_cb, stride_co, stride_ch, stride_cd,
+    stride_ot, stride_oh, stride_od,
+    stride_tb,
+    # meta
+    CAST_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    q0 = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q0
+    if pid_m * BLOCK_M >= q_len:
+        return  # tiles past this sequence's queries (grid is sized from the host bound)
+    ctx = tl.load(ctx_ptr + b)
+    kvh = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < q_len
+    q_pos = ctx - q_len + offs_m  # causal position of each query row
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    rows = (q0 + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    if CAST_FP32:
+        q = q.to(tl.float32)
+
+    # Finite start for the running max: fully masked rows then give exp2(-inf) = 0, never NaN.
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    kv_head_off = kvh.to(tl.int64) * stride_ch
+    table_row = tables_ptr + b.to(tl.int64) * stride_tb
+    # Keys past the last query row of this tile are masked anyway: stop the loop there.
+    hi = tl.minimum(ctx, ctx - q_len + (pid_m + 1) * BLOCK_M)
+    for n0 in range(0, hi, BLOCK_N):
+        k_pos = n0 + tl.arange(0, BLOCK_N)
+        mask_n = k_pos < ctx
+        blk = tl.load(table_row + k_pos // block_size, mask=mask_n, other=0).to(tl.int64)
+        cache_off = blk * stride_cb + (k_pos % block_size) * stride_co + kv_head_off  # [BLOCK_N]
+        kt = tl.load(k_cache_ptr + cache_off[None, :] + offs_d[:, None] * stride_cd,
+                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        vb = tl.load(v_cache_ptr + cache_off[:, None] + offs_d[None, :] * stride_cd,
+                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        if CAST_FP32:
+            kt = kt.to(tl.float32)
+            vb = vb.to(tl.float32)
+        s = tl.dot(q, kt) * qk_scale
+        keep = (k_pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # ctx 0: no keys, output 0 like the reference
+    o = acc / l_safe[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode (one query per sequence, paged, GQA heads of a KV head packed into one tile, split-K)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(
+    # pointers
+    q_ptr,  # [T, n_h, D]
+    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, n_kv, D], same strides
+    out_ptr,  # [T, n_h, D] (written when not SPLIT)
+    part_o_ptr,  # [B, n_h, num_splits, D] fp32 normalised partial outputs (SPLIT)
+    part_ml_ptr,  # [B, n_h, num_splits, 2] fp32 (running max, sum of exp) per split (SPLIT)
+    tables_ptr, ctx_ptr, qsl_ptr,
+    # sizes
+    qk_scale,
+    block_size,
+    GROUP,
+    D,
+    n_h,
+    num_splits,
+    partition,  # keys per split, a multiple of BLOCK_N
+    # strides
+    stride_qt, stride_qh, stride_qd,
+    stride_cb, stride_co, stride_ch, stride_cd,
+    stride_ot, stride_oh, stride_od,
+    stride_tb,
+    # meta
+    SPLIT: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # >= GROUP and >= 16 (tl.dot's minimum)
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q0 = tl.load(qsl_ptr + b)
+    if tl.load(qsl_ptr + b + 1) == q0:
+        return  # q_len 0: this sequence has no query this step
+    ctx = tl.load(ctx_ptr + b)
+    start = split * partition
+    if split > 0 and start >= ctx:
+        return  # the reduce reads only splits that hold keys
+
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_g = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    q = tl.load(q_ptr + q0.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    if CAST_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full((BLOCK_G,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    kv_head_off = kvh.to(tl.int64) * stride_ch
+    table_row = tables_ptr + b.to(tl.int64) * stride_tb
+    end = tl.minimum(ctx, start + partition)
+    for n0 in range(start, end, BLOCK_N):
+        k_pos = n0 + tl.arange(0, BLOCK_N)
+        mask_n = k_pos < end
+        blk = tl.load(table_row + k_pos // block_size, mask=mask_n, other=0).to(tl.int64)
+        cache_off = blk * stride_cb + (k_pos % block_size) * stride_co + kv_head_off
+        kt = tl.load(k_cache_ptr + cache_off[None, :] + offs_d[:, None] * stride_cd,
+                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        vb = tl.load(v_cache_ptr + cache_off[:, None] + offs_d[None, :] * stride_cd,
+                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        if CAST_FP32:
+            kt = kt.to(tl.float32)
+            vb = vb.to(tl.float32)
+        s = tl.dot(q, kt) * qk_scale  # the decode query is the last position: every key < ctx is visible
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if SPLIT:
+        row = (b.to(tl.int64) * n_h + heads) * num_splits + split  # [BLOCK_G]
+        tl.store(part_o_ptr + row[:, None] * D + offs_d[None, :], o, mask=mask_g[:, None] & mask_d[None, :])
+        tl.store(part_ml_ptr + row * 2, m_i, mask=mask_g)
+        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=mask_g)
+    else:
+        tl.store(out_ptr + q0.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_o_ptr, part_ml_ptr,  # as written by _decode_kernel
+    out_ptr, ctx_ptr, qsl_ptr,
+    D, n_h, num_splits, partition,
+    stride_ot, stride_oh, stride_od,
+    BLOCK_S: tl.constexpr,  # >= num_splits
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    q0 = tl.load(qsl_ptr + b)
+    if tl.load(qsl_ptr + b + 1) == q0:
+        return
+    ctx = tl.load(ctx_ptr + b)
+    n_valid = tl.maximum(tl.cdiv(ctx, partition), 1)  # split 0 always wrote (zeros when ctx is 0)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < n_valid
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    row = (b.to(tl.int64) * n_h + h) * num_splits + offs_s
+    m = tl.load(part_ml_ptr + row * 2, mask=mask_s, other=-1.0e30)
+    l = tl.load(part_ml_ptr + row * 2 + 1, mask=mask_s, other=0.0)
+    o = tl.load(part_o_ptr + row[:, None] * D + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    w = l * tl.exp2(m - tl.max(m, 0))  # each split's share of the softmax denominator
+    total = tl.sum(w, 0)
+    res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + q0.to(tl.int64) * stride_ot + h * stride_oh + offs_d * stride_od,
+             res.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: str) -> int:
+    if device.startswith("cuda") and not _interpreting():
+        return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+    return 4
+
+
+def decode_splits(batch: int, n_kv: int, ctx_bound: int, device: torch.device | str, block_n: int = 64) -> tuple[int, int]:
+    """(num_splits, partition) for decode: enough programs to fill the GPU twice, >= 256 keys a split.
+
+    Depends only on host values (batch, heads, the context bound), so a CUDA graph bucket keeps it.
+    """
+    target = 2 * _num_sms(str(device))
+    splits = max(1, min(triton.cdiv(target, max(1, batch * n_kv)), triton.cdiv(ctx_bound, 256), 128))
+    partition = triton.cdiv(triton.cdiv(ctx_bound, splits), block_n) * block_n
+    return triton.cdiv(ctx_bound, partition), partition
+
+
+def decode_workspace_size(batch: int, n_h: int, head_dim: int, num_splits: int) -> int:
+    """fp32 elements of the split-K workspace (`workspace=` of `paged_attention`)."""
+    return batch * n_h * num_splits * (head_dim + 2)
+
+
+def _check_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"paged_attention: q [T, n_h, D] and equal caches [blocks, bs, n_kv, D] expected, got "
+                         f"{tuple(q.shape)} {tuple(k_cache.shape)} {tuple(v_cache.shape)}")
+    n_h, D = q.shape[1], q.shape[2]
+    n_kv = k_cache.shape[2]
+    if k_cache.shape[3] != D or n_h % n_kv:
+        raise ValueError(f"paged_attention: head dim {D} vs cache {k_cache.shape[3]}, or {n_h} heads not a multiple of {n_kv}")
+    B = context_lens.shape[0]
+    for name, t, shape in (("block_tables", block_tables, (B, block_tables.shape[-1])),
+                           ("context_lens", context_lens, (B,)), ("query_start_loc", query_start_loc, (B + 1,))):
+        if t.dtype != torch.int32 or tuple(t.shape) != shape:
+            raise ValueError(f"paged_attention: {name} must be int32 {shape}, got {t.dtype} {tuple(t.shape)}")
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    max_query_len: int | None = None,
+    max_context_len: int | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton `paged_attention` (contract at the top of this file).
+
+    max_query_len: host bound on any sequence's query count. 1 selects the decode kernel (split-K);
+        anything else (or None: bound T) the prefill kernel, whose grid is sized from the bound.
+    max_context_len: host bound on context_lens for sizing decode splits (default: the block table's
+        width times the block size).
+    num_splits: force the decode split count (tests); default from `decode_splits`.
+    out: [T, n_h, D] output buffer; rows outside every sequence are not written (a fresh output is
+        zero-filled, so they read 0 as in the reference).
+    workspace: fp32 buffer of >= decode_workspace_size(B, n_h, D, splits) elements for split decode.
+    """
+    _check_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
+    T, n_h, D = q.shape
+    B, bs, n_kv = context_lens.shape[0], k_cache.shape[1], k_cache.shape[2]
+    if out is None:
+        out = torch.zeros_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"paged_attention: out must be {tuple(q.shape)} {q.dtype}")
+    if T == 0 or B == 0:
+        return out
+    cast = _interpreting()
+    group = n_h // n_kv
+    block_d = triton.next_power_of_2(D)
+    qk_scale = float(scale) * LOG2E
+    common_strides = (
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        out.stride(0), out.stride(1), out.stride(2),
+        block_tables.stride(0),
+    )
+    if max_query_len != 1:
+        bound = T if max_query_len is None else min(int(max_query_len), T)
+        block_m = 16 if bound <= 16 or cast else 64
+        block_n = 16 if cast else 64
+        _prefill_kernel[(B, n_h, triton.cdiv(bound, block_m))](
+            q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc,
+            qk_scale, bs, group, D,
+            q.stride(0), q.stride(1), q.stride(2),
+            *common_strides,
+            CAST_FP32=cast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=4,
+        )
+        return out
+
+    block_n = 16 if cast else 64
+    ctx_bound = max_context_len if max_context_len is not None else block_tables.shape[1] * bs
+    ctx_bound = max(1, int(ctx_bound))
+    if num_splits is None:
+        splits, partition = decode_splits(B, n_kv, ctx_bound, q.device, block_n)
+    else:
+        partition = triton.cdiv(triton.cdiv(ctx_bound, num_splits), block_n) * block_n
+        splits = triton.cdiv(ctx_bound, partition)
+    split = splits > 1
+    if split:
+        need = decode_workspace_size(B, n_h, D, splits)
+        if workspace is None:
+            workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+        elif workspace.dtype != torch.float32 or workspace.numel() < need:
+            raise ValueError(f"paged_attention: workspace must be fp32 with >= {need} elements")
+        part_o = workspace[: B * n_h * splits * D]
+        part_ml = workspace[B * n_h * splits * D : need]
+    else:
+        part_o = part_ml = out  # unused
+    _decode_kernel[(B, n_kv, splits)](
+        q, k_cache, v_cache, out, part_o, part_ml, block_tables, context_lens, query_start_loc,
+        qk_scale, bs, group, D, n_h, splits, partition,
+        q.stride(0), q.stride(1), q.stride(2),
+        *common_strides,
+        SPLIT=split, CAST_FP32=cast, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+    )
+    if split:
+        _decode_reduce_kernel[(B, n_h)](
+            part_o, part_ml, out, context_lens, query_start_loc,
+            D, n_h, splits, partition,
+            out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+        )
     return out
