@@ -18,6 +18,19 @@ Math per token t with slot s = token_slot[t] >= 0, routed pair (t, j) to expert 
     y[t]     += sum_j w_j down_B[s,e] z_d[t,j]  +  shared_down_B[s] (sum_j w_j z_d[t,j])
 
 Tokens with slot -1, and pairs whose expert id is a sentinel, get no delta and should cost nothing.
+
+Triton schedule (used by `fused_moe`): the LoRA rides the *base* expert alignment instead of a second
+alignment over virtual experts. A base block holds BLOCK_M pairs of one expert e with mixed slots; every
+kernel loops over the S slots and does work only for slots present in the block (a scalar test), so a
+pair with slot -1 costs one compare, and each touched (slot, expert) pair reads its A/B once per block.
+
+    launch 1  `moe_lora_shrink` (this file): zgu[n] = gate_up_A[s,e] x_t  (per expert block), and
+              zsh[t] = shared_gate_up_A[s] x_t (per token, once), as fp32 K-split partials
+    launch 2  gate_up GEMM (fused_moe.py): epilogue adds [gate_up_B_gate z[:R]; gate_up_B_up z[R:]],
+              applies SiLU-and-mul, and writes the down shrink partials down_A[s,e] a (per I tile)
+    launch 3  down GEMM: epilogue adds down_B[s,e] z_d, times the routing weight
+    launch 4  top-k sum: adds shared_down_B[s] (sum_j w_j z_d[t,j]) once per token
+so the LoRA costs one launch more than the base layer (the shrink), whatever the adapters.
 """
 
 from __future__ import annotations
@@ -25,6 +38,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 
 
 class MoELoraArgs(NamedTuple):
@@ -86,3 +101,142 @@ def moe_lora_down_ref(
             idx = has.nonzero(as_tuple=True)[0]
             delta = torch.bmm(lora.shared_down_B[slot[idx]].float(), u[idx].unsqueeze(2)).squeeze(2)
             y[idx] += delta.to(y.dtype)
+
+
+@triton.jit
+def _shrink_rows(
+    x_ptr, a_ptr, out_ptr, token_slot_ptr,
+    rows, mask_m, token,  # [BLOCK_M] output row ids, their validity, the token each row reads
+    H, S, R, k_chunk,
+    stride_xt, stride_xh, stride_a_s, stride_a_r, stride_a_h,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+):
+    """out[row, pid_k] = (gate z, up z) of A[slot(row)] x_token over this program's K chunk."""
+    pid_k = tl.program_id(1)
+    slot = tl.load(token_slot_ptr + token, mask=mask_m, other=-1)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * k_chunk
+    k_hi = tl.minimum(H, k_lo + k_chunk)
+    x_rows = x_ptr + token.to(tl.int64)[:, None] * stride_xt
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R) + pid_k * 2 * BLOCK_R + offs_r[None, :]
+    for s in range(0, S):
+        in_s = slot == s
+        if tl.max(in_s.to(tl.int32), axis=0) > 0:  # slot s present in this block: read its A once
+            a_s = a_ptr + s * stride_a_s
+            acc_g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                ks = k0 + offs_k
+                mask_k = ks < k_hi
+                xt = tl.load(x_rows + ks[None, :] * stride_xh, mask=in_s[:, None] & mask_k[None, :], other=0.0)
+                # A rows [0, R) gate, [R, 2R) up, read transposed as [BLOCK_K, BLOCK_R]
+                ag_ptrs = a_s + offs_r[None, :] * stride_a_r + ks[:, None] * stride_a_h
+                m_a = mask_k[:, None] & mask_r[None, :]
+                ag = tl.load(ag_ptrs, mask=m_a, other=0.0)
+                au = tl.load(ag_ptrs + R * stride_a_r, mask=m_a, other=0.0)
+                if CAST_FP32:
+                    xt = xt.to(tl.float32)
+                    ag = ag.to(tl.float32)
+                    au = au.to(tl.float32)
+                acc_g = tl.dot(xt, ag, acc_g)
+                acc_u = tl.dot(xt, au, acc_u)
+            m_out = in_s[:, None] & (offs_r[None, :] < BLOCK_R)
+            tl.store(out_ptrs, acc_g, mask=m_out)
+            tl.store(out_ptrs + BLOCK_R, acc_u, mask=m_out)
+
+
+@triton.jit
+def _moe_lora_shrink_kernel(
+    # pointers
+    x_ptr,  # [T, H]
+    gu_a_ptr,  # [S, E, 2R, H] per-expert gate_up A
+    sh_a_ptr,  # [S, 2R, H] shared-outer A (read only when HAS_SHARED)
+    token_slot_ptr,  # [T] int32, -1 = no adapter
+    sorted_ids_ptr, block_expert_ptr, num_padded_ptr,  # base alignment (block_m == BLOCK_M)
+    zgu_ptr,  # [N, SPLIT, 2, BLOCK_R] fp32 out: per pair, K-split partials of (gate z, up z)
+    zsh_ptr,  # [T, SPLIT, 2, BLOCK_R] fp32 out: per token, shared-outer partials
+    # sizes
+    N, TOPK, T, H, S, R, max_blocks, k_chunk,
+    # strides
+    stride_xt, stride_xh,
+    stride_as, stride_ae, stride_ar, stride_ah,
+    stride_ss, stride_sr, stride_sh,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr,
+):
+    # grid: (max_blocks [+ token blocks when HAS_SHARED], SPLIT)
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    if pid < max_blocks:
+        # role 1: one expert block of pairs; blocks past the device-side count exit at once
+        live = pid * BLOCK_M < tl.load(num_padded_ptr)
+        expert = tl.load(block_expert_ptr + pid)
+        if live & (expert >= 0):
+            rows = tl.load(sorted_ids_ptr + pid * BLOCK_M + offs_m)  # pair ids, N = padding
+            _shrink_rows(
+                x_ptr, gu_a_ptr + expert.to(tl.int64) * stride_ae, zgu_ptr, token_slot_ptr,
+                rows, rows < N, rows // TOPK, H, S, R, k_chunk,
+                stride_xt, stride_xh, stride_as, stride_ar, stride_ah,
+                BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, CAST_FP32,
+            )
+    elif HAS_SHARED:
+        # role 2: one block of tokens against the shared-outer A (once per token, not per pair)
+        rows = (pid - max_blocks) * BLOCK_M + offs_m
+        _shrink_rows(
+            x_ptr, sh_a_ptr, zsh_ptr, token_slot_ptr,
+            rows, rows < T, rows, H, S, R, k_chunk,
+            stride_xt, stride_xh, stride_ss, stride_sr, stride_sh,
+            BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, CAST_FP32,
+        )
+
+
+def lora_block_r(rank: int) -> int:
+    """Padded rank used inside the kernels (tl.dot needs >= 16)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def moe_lora_shrink(
+    x: torch.Tensor,
+    lora: MoELoraArgs,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    num_padded: torch.Tensor,
+    topk: int,
+    block_m: int,
+    split: int,
+    zgu: torch.Tensor,
+    zsh: torch.Tensor | None,
+    *,
+    block_k: int = 64,
+    num_warps: int = 4,
+    cast_fp32: bool = False,
+) -> None:
+    """Launch 1 of the MoE LoRA: fill zgu [T*k, split, 2, BLOCK_R] (and zsh [T, split, 2, BLOCK_R]).
+
+    Rows whose slot is -1 (and padding) are left untouched; consumers never read them unmasked.
+    """
+    T, H = x.shape
+    S, E, two_r, _ = lora.gate_up_A.shape
+    R = two_r // 2
+    br = lora_block_r(R)
+    max_blocks = block_expert.numel()
+    has_shared = lora.shared_gate_up_A is not None and zsh is not None
+    sh_a = lora.shared_gate_up_A if has_shared else lora.gate_up_A
+    assert sh_a is not None
+    k_chunk = triton.cdiv(triton.cdiv(H, split), block_k) * block_k
+    grid = (max_blocks + (triton.cdiv(T, block_m) if has_shared else 0), split)
+    sh_strides = (sh_a.stride(0), sh_a.stride(1), sh_a.stride(2)) if has_shared else (0, 0, 0)
+    _moe_lora_shrink_kernel[grid](
+        x, lora.gate_up_A, sh_a, lora.token_slot, sorted_ids, block_expert, num_padded,
+        zgu, zsh if has_shared else zgu,
+        T * topk, topk, T, H, S, R, max_blocks, k_chunk,
+        x.stride(0), x.stride(1),
+        *lora.gate_up_A.stride(),
+        *sh_strides,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, SPLIT=split, HAS_SHARED=has_shared,
+        CAST_FP32=cast_fp32, num_warps=num_warps,
+    )
