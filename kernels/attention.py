@@ -14,6 +14,9 @@ block * block_size + offset. Contracts of the Triton kernels and the references:
     at a position <= its own (causal). A sequence with q_len 0 produces nothing. Returns [T, n_h, D].
     Decode is the case q_len == 1 for every sequence; prefill chunks (with earlier chunks already
     in the cache) are the general case.
+    Keyword hints both backends accept (the reference ignores all but `out`): max_query_len (host
+    bound; 1 = decode kernel), max_context_len, num_splits, out (preallocated [T, n_h, D]; rows of no
+    sequence are left as they are), workspace (split-K decode scratch). See `paged_attention`.
 """
 
 from __future__ import annotations
@@ -44,11 +47,20 @@ def paged_attention_ref(
     context_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
     scale: float,
+    *,
+    max_query_len: int | None = None,
+    max_context_len: int | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Reference (host-synchronising). The keyword arguments are the Triton path's hints, accepted so
+    that layers call either backend the same way; `out` is honoured (rows of no sequence untouched)."""
     T, n_h, D = q.shape
     bs, n_kv = k_cache.shape[1], k_cache.shape[2]
     group = n_h // n_kv
-    out = torch.zeros_like(q)
+    if out is None:
+        out = torch.zeros_like(q)
     starts = query_start_loc.tolist()
     lens = context_lens.tolist()
     tables = block_tables.tolist()

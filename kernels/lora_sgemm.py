@@ -9,6 +9,7 @@ Contract of `lora_linear` (Triton) and `lora_linear_ref`; adds the delta into y 
     slice_offsets host tuple of n_slices + 1 ints, offsets[0] == 0, offsets[-1] == out_total
     token_slot    [T] int32, -1 = no adapter (row untouched); ids >= S are treated as -1
     slot_rank     optional [S] int32: slot s uses only ranks [0, slot_rank[s]) (the rest is ignored)
+    batch, scratch, mode: Triton hints (keyword-only) that the reference accepts and ignores
 
     y[t, o_i:o_{i+1}] += B[s, o_i:o_{i+1}] @ (A[s, i*R:(i+1)*R] @ x[t])     for s = token_slot[t] >= 0
 
@@ -43,12 +44,23 @@ def lora_linear_ref(
     B: torch.Tensor,
     slice_offsets: tuple[int, ...],
     token_slot: torch.Tensor,
+    *,
+    batch: LoraBatch | None = None,
+    slot_rank: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+    mode: str = "auto",
 ) -> torch.Tensor:
+    """Reference (host-synchronising). batch/scratch/mode are Triton hints, accepted so that layers
+    call either backend the same way; slot_rank is honoured."""
     R = B.shape[-1]
     slot = token_slot.long()
+    slot = torch.where(slot < A.shape[0], slot, torch.full_like(slot, -1))
     for s in torch.unique(slot[slot >= 0]).tolist():
         rows = (slot == s).nonzero(as_tuple=True)[0]
         z = x[rows].float() @ A[s].float().T  # [m, n_slices * R]
+        if slot_rank is not None:
+            keep = torch.arange(z.shape[1], device=z.device) % R < int(slot_rank[s])
+            z = z * keep
         for i in range(len(slice_offsets) - 1):
             lo, hi = slice_offsets[i], slice_offsets[i + 1]
             y[rows, lo:hi] += (z[:, i * R : (i + 1) * R] @ B[s, lo:hi].float().T).to(y.dtype)

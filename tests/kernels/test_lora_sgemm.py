@@ -100,6 +100,8 @@ def test_slot_rank_clips(mode, device):
             A_clean[s, i * R + r : (i + 1) * R] = 0
         B_clean[s, :, r:] = 0
     expect = lora_linear_ref(x, y.clone(), A_clean, B_clean, offs, slot)
+    ref_clipped = lora_linear_ref(x, y.clone(), A, B, offs, slot, slot_rank=ranks)
+    torch.testing.assert_close(ref_clipped, expect, atol=1e-4, rtol=1e-4)  # the reference honours it too
     lora_linear(x, y, A, B, offs, slot, slot_rank=ranks.to(device), mode=mode)
     torch.testing.assert_close(y, expect, atol=1e-4, rtol=1e-4)
 
