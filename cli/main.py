@@ -23,7 +23,8 @@ def _register() -> None:
 def main(argv: list[str] | None = None) -> int:
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode click returns the code of a `typer.Exit(code)` instead of raising it.
+        rc = app(args=argv, standalone_mode=False)
     except LoraxError as err:
         if _state["debug"]:
             raise
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         typer.echo(f"error: {type(err).__name__}: {err} (run with --debug for the traceback)", err=True)
         return 1
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,289 @@
+"""The batch job: stream a JSONL file through an engine, append results, resume after any crash.
+
+`run_job(engine, cfg)` drives any object with the engine API (add_request / step / has_unfinished /
+tokenizer / adapter_names / model_name / max_model_len), so tests run it on a fake engine.
+
+Invariants:
+- every non-blank input line ends in exactly one of the output and errors files, once;
+- at most `cfg.max_in_flight` requests are read ahead of the engine: memory does not grow with the file
+  (apart from the id tables, ~32 bytes per id);
+- records are appended and flushed after every engine step, so a SIGKILL loses only unfinished
+  requests (they rerun on resume) and leaves at most one torn line, cut off on the next start;
+- resume keys are `id` / `custom_id`: ids in the output are skipped, ids in the errors file too unless
+  `retry_errors` (which empties the errors file first); error records of lines without a usable id
+  (bad JSON, duplicates) are keyed by line number.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorax.errors import UsageError
+from lorax.inference.batch_io import (
+    IdTable,
+    JsonlAppender,
+    count_lines,
+    iter_lines,
+    record_key,
+    rewrite_in_input_order,
+    same_file,
+    scan_jsonl,
+)
+from lorax.inference.batch_requests import (
+    LineFailure,
+    PendingLine,
+    RequestBuilder,
+    classify_engine_error,
+    error_record,
+    is_openai,
+    line_key,
+    result_record,
+)
+
+# Error codes keyed by line number on resume: the line has no id of its own that could be skipped.
+_LINE_KEYED = frozenset(("invalid_json", "invalid_request", "missing_id", "duplicate_id"))
+
+
+@dataclass
+class JobConfig:
+    input_path: Path
+    output_path: Path
+    errors_path: Path
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None  # overrides the model's and the adapters' templates
+    adapter_templates: dict[str, str] = field(default_factory=dict)  # adapter name -> its own template
+    base_names: tuple[str, ...] = ()  # extra names meaning "the base model" in OpenAI body.model
+    max_in_flight: int = 1024
+    ordered: bool = False
+    retry_errors: bool = False
+    fsync_interval_s: float = 5.0
+    progress: bool = True
+
+
+@dataclass
+class JobSummary:
+    lines: int = 0  # non-blank input lines seen
+    done: int = 0  # written to the output in this run
+    errors: int = 0  # written to the errors file in this run
+    skipped: int = 0  # already in the output / errors from an earlier run
+    unfinished: int = 0  # in flight when interrupted (they rerun on resume)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+    truncated_bytes: int = 0  # torn tail cut from earlier files
+    max_in_flight_seen: int = 0
+
+    def line(self) -> str:
+        rate = self.completion_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        req_rate = self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        head = "interrupted" if self.interrupted else "done"
+        parts = [f"{head}: {self.done} ok, {self.errors} errors, {self.skipped} skipped (already done)"]
+        if self.unfinished:
+            parts.append(f"{self.unfinished} unfinished (rerun to resume)")
+        parts.append(f"{self.completion_tokens} tokens generated in {self.elapsed_s:.1f} s "
+                     f"({rate:.1f} tok/s, {req_rate:.2f} req/s)")
+        return "; ".join(parts)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps; a second signal raises at once."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        print("\nstopping: finishing writes (press Ctrl-C again to abort at once)", file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def check_paths(cfg: JobConfig) -> None:
+    if not cfg.input_path.is_file():
+        raise UsageError(f"input file {cfg.input_path} does not exist")
+    if same_file(cfg.input_path, cfg.output_path):
+        raise UsageError(f"the output file may not be the input file ({cfg.output_path})")
+    if same_file(cfg.input_path, cfg.errors_path) or same_file(cfg.output_path, cfg.errors_path):
+        raise UsageError(f"the errors file {cfg.errors_path} must differ from the input and output files")
+
+
+def run_job(engine: Any, cfg: JobConfig) -> JobSummary:
+    """Run (or resume) the job; return its summary. Exceptions from the engine propagate after the
+    files are flushed and closed (everything written so far stays valid for resume)."""
+    check_paths(cfg)
+    t0 = time.monotonic()
+    summary = JobSummary()
+    done_ids, err_ids, err_lines = IdTable(), IdTable(), IdTable()
+
+    def on_output(n: int, rec: dict[str, Any]) -> None:
+        key = record_key(rec)
+        if key is not None:
+            done_ids.add(key)
+
+    def on_error(n: int, rec: dict[str, Any]) -> None:
+        code = (rec.get("error") or {}).get("code") if isinstance(rec.get("error"), dict) else None
+        key = record_key(rec)
+        if key is None or code in _LINE_KEYED:
+            if isinstance(rec.get("line"), int):
+                err_lines.add(str(rec["line"]))
+        else:
+            err_ids.add(key)
+
+    summary.truncated_bytes += scan_jsonl(cfg.output_path, on_output)
+    if cfg.retry_errors and cfg.errors_path.exists():
+        cfg.errors_path.write_bytes(b"")  # every earlier error line reruns and is written again if it fails
+    summary.truncated_bytes += scan_jsonl(cfg.errors_path, on_error)
+
+    builder = RequestBuilder(engine, cfg.sampling_defaults, cfg.chat_template, cfg.adapter_templates, cfg.base_names)
+    out_f = JsonlAppender(cfg.output_path, cfg.fsync_interval_s)
+    err_f = JsonlAppender(cfg.errors_path, cfg.fsync_interval_s)
+    bar = _progress(cfg, count_lines(cfg.input_path) if cfg.progress else 0)
+    seen = IdTable()  # ids met in this pass over the input (duplicates)
+    inflight: dict[str, PendingLine] = {}
+    lines = iter_lines(cfg.input_path)
+    eof = False
+
+    def resolve(n: int = 1) -> None:
+        if bar is not None:
+            bar.update(n)
+
+    def fail(line_no: int, key: str | None, id_value: Any, openai: bool, code: str, message: str) -> None:
+        err_f.write(error_record(line_no, key, id_value, openai, code, message))
+        summary.errors += 1
+        resolve()
+
+    def read_one() -> None:
+        nonlocal eof
+        try:
+            line_no, _, raw = next(lines)
+        except StopIteration:
+            eof = True
+            return
+        if not raw.strip():
+            return
+        summary.lines += 1
+        line_done = str(line_no) in err_lines
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            if line_done:
+                summary.skipped += 1
+                resolve()
+            else:
+                fail(line_no, None, None, False, "invalid_json", f"not valid JSON: {err}")
+            return
+        openai = isinstance(obj, dict) and is_openai(obj)
+        try:
+            key, id_value = line_key(line_no, obj)
+        except LineFailure as err:
+            if line_done:
+                summary.skipped += 1
+                resolve()
+            else:
+                fail(line_no, None, None, openai, err.code, err.message)
+            return
+        if not seen.add(key, line_no):
+            if line_done:
+                summary.skipped += 1
+                resolve()
+            else:
+                fail(line_no, key, id_value, openai, "duplicate_id",
+                     f"id {key!r} already used on line {seen.get(key)}; ids must be unique")
+            return
+        if key in done_ids or key in err_ids:
+            summary.skipped += 1
+            resolve()
+            return
+        try:
+            pending = builder.build(line_no, obj, key, id_value)
+        except LineFailure as err:
+            fail(line_no, key, id_value, openai, err.code, err.message)
+            return
+        try:
+            engine.add_request(pending.request)
+        except (ValueError, TypeError) as err:  # an engine that rejects at once instead of via step()
+            fail(line_no, key, id_value, openai, classify_engine_error(str(err)), str(err))
+            return
+        inflight[pending.request.request_id] = pending
+        summary.max_in_flight_seen = max(summary.max_in_flight_seen, len(inflight))
+
+    try:
+        with _StopFlag() as stop:
+            while not stop.set:
+                while not eof and len(inflight) < cfg.max_in_flight and not stop.set:
+                    read_one()
+                if not inflight:
+                    if eof:
+                        break
+                    continue
+                finished = engine.step()
+                for out in finished:
+                    p = inflight.pop(out.request_id, None)
+                    if p is None:
+                        continue  # not ours (an engine shared with other callers)
+                    if out.error is not None:
+                        fail(p.line, p.key, p.id_value, p.kind != "simple", classify_engine_error(out.error), out.error)
+                        continue
+                    out_f.write(result_record(p, out, builder.tokenizer))
+                    summary.done += 1
+                    summary.prompt_tokens += len(out.prompt_token_ids)
+                    summary.completion_tokens += len(out.token_ids)
+                    resolve()
+                out_f.flush()
+                err_f.flush()
+                if not finished and inflight and not engine.has_unfinished():
+                    for p in inflight.values():  # the engine lost them: say so rather than spin
+                        fail(p.line, p.key, p.id_value, p.kind != "simple", "request_failed",
+                             "the engine dropped this request without a result")
+                    inflight.clear()
+                if bar is not None:
+                    el = max(time.monotonic() - t0, 1e-9)
+                    bar.set_postfix_str(f"{summary.completion_tokens / el:.0f} tok/s, {summary.errors} errors",
+                                        refresh=False)
+            summary.interrupted = stop.set
+    finally:
+        summary.unfinished = len(inflight)
+        out_f.close()
+        err_f.close()
+        if bar is not None:
+            bar.close()
+        summary.elapsed_s = time.monotonic() - t0
+    if cfg.ordered and not summary.interrupted:
+        rewrite_in_input_order(cfg.output_path, _input_keys(cfg.input_path))
+    return summary
+
+
+def _input_keys(path: Path) -> Iterator[str]:
+    for n, _, raw in iter_lines(path):
+        try:
+            yield line_key(n, json.loads(raw))[0]
+        except (json.JSONDecodeError, UnicodeDecodeError, LineFailure):
+            continue
+
+
+def _progress(cfg: JobConfig, total: int) -> Any:
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="req", file=sys.stderr, dynamic_ncols=True, smoothing=0.1, mininterval=0.5)
