@@ -65,6 +65,8 @@ class MoELora:
     gate_up_B: torch.Tensor  # [E, 2I, r]
     down_A: torch.Tensor  # [E, r, I]
     down_B: torch.Tensor  # [E|1, H, r]
+    # Projections the source adapter really had; the others are stored as zeros (writers skip them).
+    parts: tuple[str, ...] = ("gate", "up", "down")
 
     @property
     def rank(self) -> int:
@@ -114,6 +116,10 @@ class CanonicalAdapter:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     source_config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    # How per-expert keys were (and will be) spelled: "qwen" (mlp.experts.{e}.gate_proj/up_proj/down_proj)
+    # or "mixtral" (block_sparse_moe.experts.{e}.w1/w3/w2); and the text before the layer index in keys.
+    expert_naming: str = "qwen"
+    key_prefix: str = "base_model.model.model.layers."
 
     @property
     def rank(self) -> int:
