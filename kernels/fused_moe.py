@@ -32,7 +32,13 @@ def fused_moe_ref(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     lora: MoELoraArgs | None = None,
+    *,
+    scratch: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor:
+    """Torch reference. Takes the Triton keyword hints so both backends share one call signature:
+    scratch and config are ignored, out (if given) receives the result."""
     T, k = topk_ids.shape
     E = w13.shape[0]
     flat = topk_ids.reshape(-1).long()
@@ -54,6 +60,9 @@ def fused_moe_ref(
             y.index_add_(0, pairs // k, w[pairs] * (a[pairs] @ w2[e].T).float())
     if lora is not None and vid is not None:
         moe_lora_down_ref(a, vid, topk_weights, lora, y)
+    if out is not None:
+        out.copy_(y)
+        return out
     return y.to(x.dtype)
 
 
@@ -88,7 +97,9 @@ def _block_rows(pid, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, num_pid_n
     live = pid_m < num_pid_m
     expert = tl.load(block_expert_ptr + pid_m, mask=live, other=-1)
     rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M), mask=live, other=N)
-    return live & (expert >= 0), expert, rows, pid_n
+    # the grid is sized from the host bound (max blocks), so the last live group also gets programs
+    # whose pid_n runs past num_pid_n: they must not run (they would write other rows' partials)
+    return live & (expert >= 0) & (pid_n < num_pid_n), expert, rows, pid_n
 
 
 @triton.jit

@@ -1,0 +1,118 @@
+# ruff: noqa: E741  (I is the expert intermediate size, as in the kernel contracts)
+"""MoE LoRA inside the Triton fused_moe against fused_moe_ref with MoELoraArgs.
+
+Slabs follow kernels/moe_lora.py: zero past each slot's rank, all-zero for empty slots; shared-outer
+slots carry shared_gate_up_A / shared_down_B and zero per-expert gate_up_A / down_B.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_fused_moe import TOL, assert_close, make_moe, ref_fp32
+
+from lorax.kernels.fused_moe import fused_moe
+from lorax.kernels.moe_lora import MoELoraArgs
+
+
+def make_lora(T: int, H: int, I: int, E: int, ranks: list[int | None], slots: torch.Tensor,
+              dtype: torch.dtype, device: str, shared: tuple[int, ...] = ()) -> MoELoraArgs:
+    """ranks[s] = rank of slot s (None = empty slot); slot ids in `shared` use the shared-outer form."""
+    S = len(ranks)
+    R = max([r for r in ranks if r] or [1])
+    def rnd(*shape: int, fan: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device) / fan**0.5
+    gu_a, gu_b = rnd(S, E, 2 * R, H, fan=H), rnd(S, E, 2 * I, R, fan=R)
+    d_a, d_b = rnd(S, E, R, I, fan=I), rnd(S, E, H, R, fan=R)
+    sh_a, sh_b = rnd(S, 2 * R, H, fan=H), rnd(S, H, R, fan=R)
+    for s, r in enumerate(ranks):
+        r = r or 0
+        gu_a[s, :, r:R] = 0
+        gu_a[s, :, R + r:] = 0
+        gu_b[s, :, :, r:] = 0
+        d_a[s, :, r:] = 0
+        d_b[s, :, :, r:] = 0
+        sh_a[s, r:R] = 0
+        sh_a[s, R + r:] = 0
+        sh_b[s, :, r:] = 0
+        if s in shared:
+            gu_a[s] = 0
+            d_b[s] = 0
+        else:
+            sh_a[s] = 0
+            sh_b[s] = 0
+    cast = lambda t: t.to(dtype)
+    return MoELoraArgs(slots.to(device), cast(gu_a), cast(gu_b), cast(d_a), cast(d_b),
+                       cast(sh_a) if shared else None, cast(sh_b) if shared else None)
+
+
+# (name, T, E, k, ranks, slot pattern, shared slots, id low, id high)
+CASES = [
+    ("rank 1", 9, 4, 2, [1, 1], "mixed", (), 0, 4),
+    ("max rank 16", 7, 3, 2, [16, 16, 16], "mixed", (), 0, 3),
+    ("rank 32", 5, 4, 2, [32, 4], "mixed", (), 0, 4),
+    ("mixed ranks, empty slot", 13, 5, 3, [2, 8, None], "mixed", (), 0, 5),
+    ("all tokens on one adapter", 11, 4, 2, [4, 4], "one", (), 0, 4),
+    ("sentinel ids with adapters", 12, 4, 2, [4, 8], "mixed", (), -1, 6),
+    ("shared-outer mixed with standard", 10, 4, 2, [4, 8, 4], "mixed", (0, 2), 0, 4),
+    ("shared-outer, sentinels", 9, 3, 3, [8], "mixed", (0,), -1, 4),
+]
+
+
+def _slots(pattern: str, T: int, S: int) -> torch.Tensor:
+    if pattern == "one":
+        return torch.full((T,), S - 1, dtype=torch.int32)
+    return torch.randint(-1, S, (T,), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,T,E,k,ranks,pattern,shared,lo,hi", CASES)
+def test_moe_lora_matches_ref(device: str, dtype: torch.dtype, name: str, T: int, E: int, k: int,
+                              ranks: list[int | None], pattern: str, shared: tuple[int, ...], lo: int,
+                              hi: int) -> None:
+    H, I = 32, 24
+    x, w13, w2, w, ids = make_moe(T, H, I, E, k, dtype, device, lo, hi)
+    lora = make_lora(T, H, I, E, ranks, _slots(pattern, T, len(ranks)), dtype, device, shared)
+    ref = ref_fp32(x, w13, w2, w, ids, lora)
+    base = ref_fp32(x, w13, w2, w, ids)
+    # the LoRA must move the output well past the tolerance, or this test could not fail
+    assert (ref - base).abs().max().item() > 10 * TOL[dtype] * ref.abs().max().item()
+    assert_close(fused_moe(x, w13, w2, w, ids, lora), ref, dtype)
+
+
+@pytest.mark.parametrize("split,block_n", [(1, 16), (3, 16), (2, 32)])
+def test_k_split_and_tile_partials(device: str, split: int, block_n: int) -> None:
+    """The shrink's K-split partials and the down-shrink per-I-tile partials sum to the same delta."""
+    T, H, I, E, k = 10, 48, 40, 3, 2
+    x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.float32, device)
+    lora = make_lora(T, H, I, E, [4, 8], _slots("mixed", T, 2), torch.float32, device, (1,))
+    cfg = dict(BLOCK_M=16, BLOCK_N_GU=block_n, BLOCK_K_GU=16, BLOCK_N_D=16, BLOCK_K_D=16, GROUP_M=2,
+               SPLIT=split, num_warps=4, num_stages=1)
+    assert_close(fused_moe(x, w13, w2, w, ids, lora, config=cfg), ref_fp32(x, w13, w2, w, ids, lora),
+                 torch.float32)
+
+
+def test_no_adapter_tokens_cost_nothing_and_change_nothing(device: str) -> None:
+    """Every slot -1: the LoRA launches do no work and the output equals the base kernel bit for bit."""
+    T, H, I, E, k = 9, 32, 24, 4, 2
+    x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.float32, device)
+    lora = make_lora(T, H, I, E, [4, 4], torch.full((T,), -1, dtype=torch.int32), torch.float32, device, (1,))
+    assert torch.equal(fused_moe(x, w13, w2, w, ids, lora), fused_moe(x, w13, w2, w, ids))
+
+
+def test_rejects_bad_slab(device: str) -> None:
+    T, H, I, E, k = 3, 32, 24, 4, 2
+    x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.float32, device)
+    lora = make_lora(T, H, I, E, [4], torch.zeros(T, dtype=torch.int32), torch.float32, device)
+    with pytest.raises(ValueError, match="gate_up_B"):
+        fused_moe(x, w13, w2, w, ids, lora._replace(gate_up_B=lora.gate_up_B[:, :, :I]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 8, 64, 512, 2048])
+@pytest.mark.parametrize("H,I,E,k", [(2048, 768, 128, 8), (2048, 1024, 64, 8)])
+def test_moe_lora_gpu(dtype: torch.dtype, T: int, H: int, I: int, E: int, k: int) -> None:
+    x, w13, w2, w, ids = make_moe(T, H, I, E, k, dtype, "cuda", -1, E)
+    lora = make_lora(T, H, I, E, [16, 8, 16, None], _slots("mixed", T, 4), dtype, "cuda", (2,))
+    assert_close(fused_moe(x, w13, w2, w, ids, lora), ref_fp32(x, w13, w2, w, ids, lora), dtype)
