@@ -1,0 +1,480 @@
+"""Layer benchmark of the Triton kernels (`lorax bench kernels`): ours vs reference vs the HBM roofline.
+
+For each token count T of the standard workload (../docs/BENCHMARKS.md: Qwen3-30B-A3B layer shapes,
+4 adapters rank 16, tokens spread evenly over the adapters) and each kernel:
+  1. numerics first: ours against the `*_ref` reference on the same inputs (relative max error);
+  2. ours timed inside a CUDA graph (triton.testing.do_bench_cudagraph, median), the graph running
+     the kernel over several input sets in turn so that the bytes read exceed twice the L2 cache;
+  3. the reference (eager; it syncs with the host) and, where the reference is a slow loop, a fast
+     torch baseline (torch._grouped_mm MoE, SDPA attention) that a user could run instead;
+  4. the roofline: max(bytes / measured copy bandwidth, flops / peak) — the copy bandwidth is
+     measured in the same run (a device-to-device copy of 1 GiB, bytes read + written).
+Ratios in the same run: MoE+LoRA / MoE base (target <= 1.15) and qkv+LoRA / qkv base (<= 1.5).
+
+The same code runs a tiny workload on the CPU (Triton interpreter, wall-clock timing) as a smoke test.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lorax.kernels.attention import paged_attention, paged_attention_ref, store_kv, store_kv_ref
+from lorax.kernels.fused_moe import fused_moe_ref, silu_and_mul
+from lorax.kernels.lora_sgemm import build_lora_batch, lora_linear, lora_linear_ref
+from lorax.kernels.moe_lora import MoELoraArgs
+from lorax.kernels.triton_ops import fused_moe_is_triton, make_ops
+
+STANDARD_TOKENS = (1, 8, 32, 128, 512, 2048)
+KERNEL_GROUPS = ("moe", "qkv", "attention")
+
+
+@dataclass(frozen=True)
+class Workload:
+    hidden: int = 2048
+    experts: int = 128
+    topk: int = 8
+    moe_inter: int = 768
+    n_heads: int = 32
+    n_kv: int = 4
+    head_dim: int = 128
+    adapters: int = 4
+    rank: int = 16
+    block_size: int = 16
+    decode_context: int = 1024  # every decode sequence's context (decode at T tokens = T sequences)
+    dtype: str = "bfloat16"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+STANDARD = Workload()
+# Smoke-test shapes for the CPU interpreter: every code path, seconds not hours.
+TINY = Workload(hidden=64, experts=8, topk=2, moe_inter=32, n_heads=4, n_kv=2, head_dim=16, adapters=2,
+                rank=16, block_size=4, decode_context=24, dtype="float32")
+
+
+@dataclass
+class BenchRow:
+    kernel: str
+    tokens: int
+    ours_ms: float
+    ref_ms: float | None = None
+    ref_name: str = ""
+    fast_ms: float | None = None  # fast torch baseline, where the reference is a slow loop
+    fast_name: str = ""
+    bytes: int = 0
+    flops: int = 0
+    roofline_ms: float = 0.0
+    rel_err: float | None = None  # max |ours - ref| / max |ref|
+    note: str = ""
+
+    @property
+    def roofline_fraction(self) -> float:
+        return self.roofline_ms / self.ours_ms if self.ours_ms > 0 else 0.0
+
+
+@dataclass
+class BenchReport:
+    device: str
+    torch_version: str
+    triton_version: str
+    date: str
+    workload: dict
+    copy_tb_s: float
+    peak_tflops: float
+    fused_moe_triton: bool
+    rows: list[BenchRow] = field(default_factory=list)
+
+    def ratio(self, num: str, den: str, tokens: int) -> float | None:
+        a = next((r for r in self.rows if r.kernel == num and r.tokens == tokens), None)
+        b = next((r for r in self.rows if r.kernel == den and r.tokens == tokens), None)
+        return a.ours_ms / b.ours_ms if a and b and b.ours_ms > 0 else None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["rows"] = [{**asdict(r), "roofline_fraction": r.roofline_fraction} for r in self.rows]
+        toks = sorted({r.tokens for r in self.rows})
+        d["ratios"] = {
+            "moe_lora_over_base": {t: self.ratio("moe_lora", "moe_base", t) for t in toks},
+            "qkv_lora_over_base": {t: self.ratio("qkv_base+lora", "qkv_base", t) for t in toks},
+        }
+        return d
+
+
+# ------------------------------------------------------------------------------------------------
+# Roofline arithmetic (host ints only; tested on the CPU)
+# ------------------------------------------------------------------------------------------------
+
+
+def roofline_ms(nbytes: int, flops: int, copy_tb_s: float, peak_tflops: float) -> float:
+    return max(nbytes / (copy_tb_s * 1e12), flops / (peak_tflops * 1e12)) * 1e3
+
+
+def moe_bytes(wl: Workload, experts_hit: int, pairs_hit: int, T: int, lora: bool) -> int:
+    """Expert weights touched (gate, up, down of each hit expert) + activations in and out; with LoRA
+    also each touched (adapter, expert) pair's A and B: 2 * r * 3 * (H + I) elements."""
+    el = torch.empty(0, dtype=wl.torch_dtype).element_size()
+    n = experts_hit * 3 * wl.hidden * wl.moe_inter + 2 * T * wl.hidden
+    if lora:
+        n += pairs_hit * 3 * wl.rank * (wl.hidden + wl.moe_inter)
+    return n * el
+
+
+def expected_experts_hit(E: int, k: int, T: int) -> float:
+    return E * (1 - (1 - k / E) ** T)
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+
+
+def _time(fns: list[Callable[[], object]], device: torch.device, graph: bool) -> float:
+    """ms per call: the calls in `fns` run one after another (rotated inputs) and the total is divided."""
+    run = lambda: [f() for f in fns]
+    if device.type != "cuda":
+        run()
+        samples = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            run()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples) / len(fns)
+    import triton.testing
+
+    if graph:
+        try:
+            return triton.testing.do_bench_cudagraph(run, rep=50, return_mode="median") / len(fns)
+        except Exception:  # a call that syncs cannot be captured: time it eagerly below
+            torch.cuda.synchronize()
+    return triton.testing.do_bench(run, warmup=5, rep=50, return_mode="median") / len(fns)
+
+
+def _time_slow(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
+    """Host-synchronising references: a few eager calls, median."""
+    fn()
+    samples = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def measure_copy_tb_s(device: torch.device) -> float:
+    n = (1 << 30) if device.type == "cuda" else (1 << 24)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = _time([lambda: dst.copy_(src)], device, graph=False)
+    return 2 * n / (ms * 1e-3) / 1e12
+
+
+def _rotations(set_bytes: int, device: torch.device) -> int:
+    """Input sets per timed graph so that one pass reads more than twice the L2 cache."""
+    if device.type != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return max(1, min(8, math.ceil(2 * l2 / max(set_bytes, 1))))
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = ref.float().abs().max().item()
+    return (got.float() - ref.float()).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Baselines a user could run instead of the slow references
+# ------------------------------------------------------------------------------------------------
+
+
+def moe_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' grouped_mm experts path: sort pairs by expert, two torch._grouped_mm, index_add."""
+    T, k = topk_ids.shape
+    E = w13.shape[0]
+    flat = topk_ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    rows = order // k
+    h = torch._grouped_mm(x[rows], w13.transpose(1, 2), offs=offs)
+    o = torch._grouped_mm(silu_and_mul(h), w2.transpose(1, 2), offs=offs)
+    y = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    y.index_add_(0, rows, o.float() * topk_weights.reshape(-1)[order, None].float())
+    return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cases
+# ------------------------------------------------------------------------------------------------
+
+
+def _slots(wl: Workload, T: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(T, device=device) % wl.adapters).to(torch.int32)  # spread evenly
+
+
+def bench_moe(wl: Workload, T: int, device: torch.device, bw: float, peak: float) -> list[BenchRow]:
+    ops = make_ops()
+    dt, H, E, k, I, S, R = wl.torch_dtype, wl.hidden, wl.experts, wl.topk, wl.moe_inter, wl.adapters, wl.rank
+    w13 = torch.randn(E, 2 * I, H, dtype=dt, device=device) / H**0.5
+    w2 = torch.randn(E, H, I, dtype=dt, device=device) / I**0.5
+    lora = MoELoraArgs(
+        token_slot=_slots(wl, T, device),
+        gate_up_A=torch.randn(S, E, 2 * R, H, dtype=dt, device=device) / H**0.5,
+        gate_up_B=torch.randn(S, E, 2 * I, R, dtype=dt, device=device) / R**0.5,
+        down_A=torch.randn(S, E, R, I, dtype=dt, device=device) / I**0.5,
+        down_B=torch.randn(S, E, H, R, dtype=dt, device=device) / R**0.5,
+    )
+    # Several routings so that the experts a timed pass touches do not sit in L2.
+    per_set = max(1.0, expected_experts_hit(E, k, T)) * 3 * H * I * 2
+    sets = []
+    for _ in range(_rotations(int(per_set), device)):
+        x = torch.randn(T, H, dtype=dt, device=device)
+        weights, ids = torch.topk(torch.randn(T, E, device=device).softmax(-1), k)
+        sets.append((x, weights, ids.to(torch.int32)))
+    x, weights, ids = sets[0]
+    hit = int(torch.unique(ids).numel())
+    pairs = int(torch.unique(ids.long() + E * lora.token_slot.long()[:, None]).numel())
+    flops = 2 * T * k * 3 * H * I
+    rows = []
+    for name, lo in (("moe_base", None), ("moe_lora", lora)):
+        got = ops.fused_moe(x, w13, w2, weights, ids, lo)
+        ref = fused_moe_ref(x, w13, w2, weights, ids, lo)
+        row = BenchRow(name, T, _time([lambda s=s, lo=lo: ops.fused_moe(s[0], w13, w2, s[1], s[2], lo) for s in sets],
+                                      device, graph=True),
+                       ref_ms=_time_slow(lambda lo=lo: fused_moe_ref(x, w13, w2, weights, ids, lo), device),
+                       ref_name="fused_moe_ref", rel_err=_rel_err(got, ref),
+                       bytes=moe_bytes(wl, hit, pairs, T, lo is not None),
+                       flops=flops + (2 * T * k * 3 * R * (H + I) if lo is not None else 0))
+        if lo is None and device.type == "cuda":
+            try:
+                fast = moe_grouped_mm(x, w13, w2, weights, ids)
+                row.fast_ms = _time([lambda s=s: moe_grouped_mm(s[0], w13, w2, s[1], s[2]) for s in sets],
+                                    device, graph=True)
+                row.fast_name = f"torch._grouped_mm (rel err {_rel_err(fast, ref):.1e})"
+            except Exception as err:  # an older torch or GPU without grouped_mm
+                row.fast_name = f"grouped_mm unavailable: {type(err).__name__}"
+        if not fused_moe_is_triton():
+            row.note = "fused_moe is the torch reference (Triton kernel not in the tree)"
+        row.roofline_ms = roofline_ms(row.bytes, row.flops, bw, peak)
+        rows.append(row)
+    return rows
+
+
+def bench_qkv(wl: Workload, T: int, device: torch.device, bw: float, peak: float) -> list[BenchRow]:
+    """Dense qkv projection with GQA slice widths: the base GEMM, the LoRA delta alone, base + LoRA."""
+    dt, H, S, R = wl.torch_dtype, wl.hidden, wl.adapters, wl.rank
+    q, kv = wl.n_heads * wl.head_dim, wl.n_kv * wl.head_dim
+    N = q + 2 * kv
+    offs = (0, q, q + kv, N)
+    el = torch.empty(0, dtype=dt).element_size()
+    slot = _slots(wl, T, device)
+    batch = build_lora_batch(slot, S)
+    sets = []
+    for _ in range(_rotations(N * H * el, device)):
+        sets.append((torch.randn(N, H, dtype=dt, device=device) / H**0.5,
+                     torch.randn(S, 3 * R, H, dtype=dt, device=device) / H**0.5,
+                     torch.randn(S, N, R, dtype=dt, device=device) / R**0.5))
+    x = torch.randn(T, H, dtype=dt, device=device)
+    ys = [torch.empty(T, N, dtype=dt, device=device) for _ in sets]
+    active = min(S, T)
+    lora_bytes = active * (3 * R * H + N * R) * el
+    act_bytes = (T * H + T * N) * el
+
+    def base(i: int) -> torch.Tensor:
+        return torch.matmul(x, sets[i][0].T, out=ys[i])
+
+    def delta(i: int) -> torch.Tensor:
+        return lora_linear(x, ys[i], sets[i][1], sets[i][2], offs, slot, batch=batch)
+
+    def both(i: int) -> torch.Tensor:
+        base(i)
+        return delta(i)
+
+    y0 = base(0).clone()
+    got = lora_linear(x, y0.clone(), sets[0][1], sets[0][2], offs, slot, batch=batch)
+    ref = lora_linear_ref(x, y0.clone(), sets[0][1], sets[0][2], offs, slot)
+    err = _rel_err(got - y0, ref - y0)  # error of the delta itself
+    idx = range(len(sets))
+    rows = [
+        BenchRow("qkv_base", T, _time([lambda i=i: base(i) for i in idx], device, graph=True),
+                 bytes=N * H * el + act_bytes, flops=2 * T * H * N, note="torch.matmul (cuBLAS)"),
+        BenchRow("qkv_lora", T, _time([lambda i=i: delta(i) for i in idx], device, graph=True),
+                 ref_ms=_time_slow(lambda: lora_linear_ref(x, y0.clone(), sets[0][1], sets[0][2], offs, slot), device),
+                 ref_name="lora_linear_ref", rel_err=err, bytes=lora_bytes + T * H * el + 2 * T * N * el,
+                 flops=2 * T * R * (3 * H + N), note="delta only, LoraBatch prebuilt"),
+        BenchRow("qkv_base+lora", T, _time([lambda i=i: both(i) for i in idx], device, graph=True),
+                 bytes=N * H * el + lora_bytes + act_bytes + 2 * T * N * el,
+                 flops=2 * T * H * N + 2 * T * R * (3 * H + N)),
+        BenchRow("lora_batch_build", T, _time([lambda: build_lora_batch(slot, S)], device, graph=True),
+                 bytes=T * 12, note="once per step, shared by all layers"),
+    ]
+    for r in rows:
+        r.roofline_ms = roofline_ms(r.bytes, r.flops, bw, peak)
+    return rows
+
+
+def _paged(wl: Workload, ctx_lens: list[int], sets: int, device: torch.device):
+    """Caches holding `sets` disjoint copies of the batch (rotation) and their block tables."""
+    bs = wl.block_size
+    nblk = [-(-c // bs) for c in ctx_lens]
+    total = sum(nblk) * sets + 1
+    shape = (total, bs, wl.n_kv, wl.head_dim)
+    kc = torch.randn(shape, dtype=wl.torch_dtype, device=device)
+    vc = torch.randn(shape, dtype=wl.torch_dtype, device=device)
+    width = max(nblk)
+    tables = []
+    perm = torch.randperm(total - 1, device=device).to(torch.int32) + 1
+    at = 0
+    for _ in range(sets):
+        t = torch.zeros(len(ctx_lens), width, dtype=torch.int32, device=device)
+        for b, n in enumerate(nblk):
+            t[b, :n] = perm[at : at + n]
+            at += n
+        tables.append(t)
+    return kc, vc, tables
+
+
+def bench_attention(wl: Workload, T: int, device: torch.device, bw: float, peak: float) -> list[BenchRow]:
+    dt, n_h, n_kv, D = wl.torch_dtype, wl.n_heads, wl.n_kv, wl.head_dim
+    el = torch.empty(0, dtype=dt).element_size()
+    scale = D**-0.5
+    rows = []
+
+    # store_kv: T new tokens into free slots
+    k = torch.randn(T, n_kv, D, dtype=dt, device=device)
+    v = torch.randn_like(k)
+    kc, vc, _ = _paged(wl, [T], 1, device)
+    slots = torch.randperm(kc.shape[0] * wl.block_size, device=device)[:T]
+    ref_c = (kc.clone(), vc.clone())
+    store_kv_ref(k, v, *ref_c, slots)
+    store_kv(k, v, kc, vc, slots)
+    err = max(_rel_err(kc, ref_c[0]), _rel_err(vc, ref_c[1]))
+    sb = 4 * T * n_kv * D * el
+    rows.append(BenchRow("store_kv", T, _time([lambda: store_kv(k, v, kc, vc, slots)], device, graph=True),
+                         ref_ms=_time_slow(lambda: store_kv_ref(k, v, kc, vc, slots), device), ref_name="store_kv_ref",
+                         rel_err=err, bytes=sb))
+
+    # decode: T sequences, one query each, decode_context keys each
+    C = wl.decode_context
+    kv_bytes = 2 * T * C * n_kv * D * el
+    n_rot = _rotations(kv_bytes, device)
+    kc, vc, tables = _paged(wl, [C] * T, n_rot, device)
+    ctx = torch.full((T,), C, dtype=torch.int32, device=device)
+    qsl = torch.arange(T + 1, dtype=torch.int32, device=device)
+    q = torch.randn(T, n_h, D, dtype=dt, device=device)
+    out = torch.empty_like(q)
+    got = paged_attention(q, kc, vc, tables[0], ctx, qsl, scale, max_query_len=1)
+    ref = paged_attention_ref(q, kc, vc, tables[0], ctx, qsl, scale)
+    row = BenchRow("attn_decode", T,
+                   _time([lambda t=t: paged_attention(q, kc, vc, t, ctx, qsl, scale, max_query_len=1, out=out)
+                          for t in tables], device, graph=True),
+                   ref_ms=_time_slow(lambda: paged_attention_ref(q, kc, vc, tables[0], ctx, qsl, scale), device),
+                   ref_name="paged_attention_ref", rel_err=_rel_err(got, ref),
+                   bytes=kv_bytes + 2 * T * n_h * D * el, flops=4 * T * C * n_h * D, note=f"context {C}")
+    if device.type == "cuda":
+        kd = torch.randn(T, n_kv, C, D, dtype=dt, device=device)
+        vd = torch.randn_like(kd)
+        q4 = q.view(T, n_h, 1, D)
+        row.fast_ms = _time([lambda: F.scaled_dot_product_attention(q4, kd, vd, enable_gqa=True)], device, graph=True)
+        row.fast_name = "SDPA on a dense (unpaged) cache"
+        del kd, vd
+    rows.append(row)
+    del kc, vc
+
+    # prefill: one sequence of T new tokens, causal
+    kc, vc, tables = _paged(wl, [T], 1, device)
+    ctx = torch.tensor([T], dtype=torch.int32, device=device)
+    qsl = torch.tensor([0, T], dtype=torch.int32, device=device)
+    got = paged_attention(q, kc, vc, tables[0], ctx, qsl, scale, max_query_len=T)
+    ref = paged_attention_ref(q, kc, vc, tables[0], ctx, qsl, scale)
+    row = BenchRow("attn_prefill", T,
+                   _time([lambda: paged_attention(q, kc, vc, tables[0], ctx, qsl, scale, max_query_len=T, out=out)],
+                         device, graph=True),
+                   ref_ms=_time_slow(lambda: paged_attention_ref(q, kc, vc, tables[0], ctx, qsl, scale), device),
+                   ref_name="paged_attention_ref", rel_err=_rel_err(got, ref),
+                   bytes=2 * T * n_kv * D * el + 2 * T * n_h * D * el, flops=2 * T * (T + 1) * n_h * D,
+                   note="one sequence, no prefix")
+    if device.type == "cuda":
+        qs = q.transpose(0, 1).unsqueeze(0)
+        kd = torch.randn(1, n_kv, T, D, dtype=dt, device=device)
+        vd = torch.randn_like(kd)
+        row.fast_ms = _time([lambda: F.scaled_dot_product_attention(qs, kd, vd, is_causal=True, enable_gqa=True)],
+                            device, graph=True)
+        row.fast_name = "SDPA causal, dense"
+    rows.append(row)
+    for r in rows:
+        r.roofline_ms = roofline_ms(r.bytes, r.flops, bw, peak)
+    return rows
+
+
+def run_kernels(
+    wl: Workload = STANDARD,
+    tokens: tuple[int, ...] = STANDARD_TOKENS,
+    groups: tuple[str, ...] = KERNEL_GROUPS,
+    device: str = "cuda",
+    peak_tflops: float = 788.0,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    import datetime
+
+    import triton
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    bw = measure_copy_tb_s(dev)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)"
+    report = BenchReport(device=name, torch_version=torch.__version__, triton_version=triton.__version__,
+                         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                         workload=asdict(wl), copy_tb_s=bw, peak_tflops=peak_tflops,
+                         fused_moe_triton=fused_moe_is_triton())
+    cases = {"moe": bench_moe, "qkv": bench_qkv, "attention": bench_attention}
+    for T in tokens:
+        for g in groups:
+            if progress:
+                progress(f"{g} T={T}")
+            report.rows += cases[g](wl, T, dev, bw, peak_tflops)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return report
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}" if v < 1 else f"{v:.2f}"
+
+
+def format_table(report: BenchReport) -> str:
+    """Markdown tables: every row, then the two target ratios per token count."""
+    lines = [
+        f"device: {report.device} | torch {report.torch_version} | triton {report.triton_version} | "
+        f"{report.date} | copy {report.copy_tb_s:.2f} TB/s | peak {report.peak_tflops:.0f} TFLOP/s | "
+        f"fused_moe: {'Triton' if report.fused_moe_triton else 'torch reference'}",
+        "",
+        "| kernel | tokens | ours ms | roofline ms | of roofline | ref ms | fast baseline ms | rel err | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.rows:
+        fast = f"{_ms(r.fast_ms)} ({r.fast_name})" if r.fast_name else "-"
+        err = "-" if r.rel_err is None else f"{r.rel_err:.1e}"
+        lines.append(f"| {r.kernel} | {r.tokens} | {_ms(r.ours_ms)} | {_ms(r.roofline_ms)} | "
+                     f"{100 * r.roofline_fraction:.0f}% | {_ms(r.ref_ms)} | {fast} | {err} | {r.note} |")
+    toks = sorted({r.tokens for r in report.rows})
+    lines += ["", "| tokens | MoE+LoRA / MoE base (target <= 1.15) | qkv+LoRA / qkv base (target <= 1.5) |",
+              "|---|---|---|"]
+    for t in toks:
+        a, b = report.ratio("moe_lora", "moe_base", t), report.ratio("qkv_base+lora", "qkv_base", t)
+        lines.append(f"| {t} | {'-' if a is None else f'{a:.2f}'} | {'-' if b is None else f'{b:.2f}'} |")
+    return "\n".join(lines)
