@@ -214,6 +214,80 @@ def _moe_scatter_kernel(
         tl.store(sorted_ids_ptr + pos, tl.zeros_like(pos) + N, mask=in_block & is_pad)
 
 
+@triton.jit
+def _moe_align_one_program_kernel(
+    topk_ids_ptr, token_slot_ptr,
+    counts_ptr, starts_ptr, block_ends_ptr, rank_ptr,  # [E], [E], [E], [N] int32 work
+    sorted_ids_ptr, block_expert_ptr, num_padded_ptr,  # outputs
+    N, TOPK, base_experts, num_experts, block_m, max_blocks,
+    HAS_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_BM: tl.constexpr, LOG_E: tl.constexpr,
+):
+    """Small inputs (decode): the three passes in one program, phases separated by CTA barriers.
+
+    Global writes of one CTA are visible to its own threads after a barrier; counters are read back
+    with volatile loads so no stale L1 line is used. Saves two launches and the memset on decode.
+    """
+    for e0 in range(0, num_experts, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        tl.store(counts_ptr + offs_e, tl.zeros([BLOCK_E], dtype=tl.int32), mask=offs_e < num_experts)
+    tl.debug_barrier()
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        key, valid = _pair_key(topk_ids_ptr, token_slot_ptr, offs_n, mask_n, TOPK, base_experts,
+                               num_experts, HAS_SLOT)
+        rank = tl.atomic_add(counts_ptr + key, tl.full([BLOCK_N], 1, tl.int32), mask=valid)
+        tl.store(rank_ptr + offs_n, rank, mask=mask_n)
+    tl.debug_barrier()
+    carry = tl.zeros([], dtype=tl.int32)
+    for e0 in range(0, num_experts, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < num_experts
+        cnt = tl.load(counts_ptr + offs_e, mask=mask_e, other=0, volatile=True)
+        padded = (cnt + block_m - 1) // block_m * block_m
+        incl = tl.cumsum(padded, axis=0) + carry
+        tl.store(starts_ptr + offs_e, incl - padded, mask=mask_e)
+        tl.store(block_ends_ptr + offs_e, incl // block_m, mask=mask_e)
+        carry += tl.sum(padded, axis=0)
+    tl.store(num_padded_ptr, carry)
+    tl.debug_barrier()
+    total_blocks = carry // block_m
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        key, valid = _pair_key(topk_ids_ptr, token_slot_ptr, offs_n, mask_n, TOPK, base_experts,
+                               num_experts, HAS_SLOT)
+        rank = tl.load(rank_ptr + offs_n, mask=valid, other=0, volatile=True)
+        start = tl.load(starts_ptr + key, mask=valid, other=0, volatile=True)
+        tl.store(sorted_ids_ptr + start + rank, offs_n, mask=valid)
+    for b0 in range(0, max_blocks, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < max_blocks
+        lo = tl.zeros([BLOCK_B], dtype=tl.int32)
+        hi = tl.zeros([BLOCK_B], dtype=tl.int32) + num_experts
+        for _ in range(LOG_E):
+            mid = (lo + hi) // 2
+            go_right = tl.load(block_ends_ptr + mid, mask=lo < hi, other=0, volatile=True) <= offs_b
+            lo = tl.where((lo < hi) & go_right, mid + 1, lo)
+            hi = tl.where((lo < hi) & ~go_right, mid, hi)
+        live = mask_b & (offs_b < total_blocks)
+        owner = tl.where(live, lo, -1)
+        tl.store(block_expert_ptr + offs_b, owner, mask=mask_b)
+        start = tl.load(starts_ptr + owner, mask=live, other=0, volatile=True)
+        count = tl.load(counts_ptr + owner, mask=live, other=0, volatile=True)
+        offs_m = tl.arange(0, BLOCK_BM)
+        pos = offs_b[:, None] * block_m + offs_m[None, :]
+        in_block = mask_b[:, None] & (offs_m[None, :] < block_m)
+        is_pad = (~live[:, None]) | (pos - start[:, None] >= count[:, None])
+        tl.store(sorted_ids_ptr + pos, tl.zeros_like(pos) + N, mask=in_block & is_pad)
+
+
+# one-program path when the whole alignment is small (decode batches); tests force either path
+ONE_PROGRAM_MAX_PAIRS = 1024
+ONE_PROGRAM_MAX_EXPERTS = 4096
+
+
 def moe_align(
     topk_ids: torch.Tensor,
     num_experts: int,
@@ -222,8 +296,10 @@ def moe_align(
     token_slot: torch.Tensor | None = None,
     base_experts: int | None = None,
     out: MoEAlignment | None = None,
+    one_program: bool | None = None,
 ) -> MoEAlignment:
-    """Triton alignment with the contract above (3 launches + a memset, no host sync).
+    """Triton alignment with the contract above (3 launches + a memset, no host sync; small inputs take
+    a one-launch path, `one_program` forces either).
 
     With `token_slot` [T] and `base_experts` E, the virtual ids slot * E + e are formed inside the first
     pass (num_experts must then be slots * E). `out` may hold preallocated buffers of the right sizes
@@ -252,10 +328,23 @@ def moe_align(
         )
     elif out.sorted_ids.numel() != max_padded or out.block_expert.numel() != max_blocks:
         raise ValueError(f"moe_align: out buffers must be sized {max_padded} / {max_blocks}")
+    slot_arg = token_slot if has_slot else ids
+    if one_program is None:
+        one_program = num_pairs <= ONE_PROGRAM_MAX_PAIRS and num_experts <= ONE_PROGRAM_MAX_EXPERTS
+    if one_program:
+        work = torch.empty(3 * num_experts + max(num_pairs, 1), dtype=torch.int32, device=device)
+        counts, starts = work[:num_experts], work[num_experts : 2 * num_experts]
+        block_ends, rank = work[2 * num_experts : 3 * num_experts], work[3 * num_experts :]
+        _moe_align_one_program_kernel[(1,)](
+            ids, slot_arg, counts, starts, block_ends, rank, out.sorted_ids, out.block_expert, out.num_padded,
+            num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks,
+            HAS_SLOT=has_slot, BLOCK_N=256, BLOCK_E=1024, BLOCK_B=16, BLOCK_BM=triton.next_power_of_2(block_m),
+            LOG_E=max(1, num_experts.bit_length()), num_warps=8,
+        )
+        return out
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
     work = torch.empty(2 * num_experts + max(num_pairs, 1), dtype=torch.int32, device=device)
     starts, block_ends, rank = work[:num_experts], work[num_experts : 2 * num_experts], work[2 * num_experts :]
-    slot_arg = token_slot if has_slot else ids
     block_n = 256
     pair_programs = triton.cdiv(num_pairs, block_n)
     if pair_programs:

@@ -28,9 +28,9 @@ def _canonical(al, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     return torch.sort(key).values, ids[total:], total
 
 
-def _check(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> None:
+def _check(topk_ids: torch.Tensor, num_experts: int, block_m: int, one_program: bool | None = None) -> None:
     ref = moe_align_ref(topk_ids, num_experts, block_m)
-    got = moe_align(topk_ids, num_experts, block_m)
+    got = moe_align(topk_ids, num_experts, block_m, one_program=one_program)
     n = topk_ids.numel()
     size = max_padded_size(n, num_experts, block_m)
     assert got.sorted_ids.shape == (size,) and got.block_expert.shape == (size // block_m,)
@@ -60,10 +60,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("one_program", [False, True], ids=["three-pass", "one-program"])
 @pytest.mark.parametrize("T,k,E,block_m,lo,hi", CASES)
-def test_align_matches_ref(device: str, T: int, k: int, E: int, block_m: int, lo: int, hi: int) -> None:
+def test_align_matches_ref(device: str, T: int, k: int, E: int, block_m: int, lo: int, hi: int,
+                           one_program: bool) -> None:
     topk_ids = torch.randint(lo, hi, (T, k), dtype=torch.int32, device=device)
-    _check(topk_ids, E, block_m)
+    _check(topk_ids, E, block_m, one_program)
 
 
 @pytest.mark.parametrize(
@@ -77,7 +79,8 @@ def test_align_matches_ref(device: str, T: int, k: int, E: int, block_m: int, lo
     ],
 )
 def test_align_edge_cases(device: str, name: str, topk_ids: torch.Tensor, E: int) -> None:
-    _check(topk_ids.to(device), E, 4)
+    _check(topk_ids.to(device), E, 4, one_program=False)
+    _check(topk_ids.to(device), E, 4, one_program=True)
 
 
 def test_worked_example_exact(device: str) -> None:
@@ -95,11 +98,12 @@ def test_virtual_ids_and_fused_align(device: str, T: int, k: int, E: int, S: int
     got = virtual_expert_ids(topk_ids, token_slot, E)
     assert torch.equal(got, ref)
     assert bool((got[topk_ids < 0] < 0).all())  # an EP sentinel never turns into a valid id
-    fused = moe_align(topk_ids, S * E, 4, token_slot=token_slot, base_experts=E)
     plain = moe_align(ref, S * E, 4)
-    assert torch.equal(fused.num_padded, plain.num_padded)
-    assert torch.equal(fused.block_expert, plain.block_expert)
-    assert torch.equal(_canonical(fused, 4)[0], _canonical(plain, 4)[0])
+    for one_program in (False, True):
+        fused = moe_align(topk_ids, S * E, 4, token_slot=token_slot, base_experts=E, one_program=one_program)
+        assert torch.equal(fused.num_padded, plain.num_padded)
+        assert torch.equal(fused.block_expert, plain.block_expert)
+        assert torch.equal(_canonical(fused, 4)[0], _canonical(plain, 4)[0])
 
 
 @pytest.mark.gpu
@@ -107,4 +111,5 @@ def test_virtual_ids_and_fused_align(device: str, T: int, k: int, E: int, S: int
 def test_align_gpu_large(T: int, k: int, E: int) -> None:
     topk_ids = torch.randint(-1, E, (T, k), dtype=torch.int32, device="cuda")
     for block_m in (16, 64):
-        _check(topk_ids, E, block_m)
+        for one_program in (False, True):
+            _check(topk_ids, E, block_m, one_program)
