@@ -1,0 +1,51 @@
+"""The per-step ForwardContext: everything a layer needs besides its input activations.
+
+The model runner builds one record per step (host lists -> tensors, pinned + non_blocking on CUDA) and
+installs it with `forward_context(ctx)`; layers read it with `get_forward_context()` so their
+signatures stay `forward(x)`. A CUDA-graph runner keeps one static record and updates its tensors in
+place; the layers cannot tell the difference.
+
+Letters: T tokens in the step (rows of x), B sequences in the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    positions: torch.Tensor  # [T] int64, position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64, KV cache slot (block * block_size + offset); -1 = padded row
+    block_tables: torch.Tensor  # [B, max_blocks] int32, unused entries point at the dummy block 0
+    context_lens: torch.Tensor  # [B] int32, cached tokens of each sequence including this step's
+    query_start_loc: torch.Tensor  # [B + 1] int32, sequence b owns rows [qsl[b], qsl[b+1])
+    logits_indices: torch.Tensor  # [N] int64, rows whose next-token logits are wanted (N <= B)
+    token_slot: torch.Tensor  # [T] int32, adapter slot of each token, -1 = base model
+    has_lora: bool  # host: any token in this step uses an adapter (else LoRA work is skipped)
+    is_decode: bool  # host: every sequence contributes exactly one token
+    num_tokens: int  # host: T
+    max_query_len: int  # host: the longest q_len in the step
+
+
+_CURRENT: ForwardContext | None = None
+
+
+def get_forward_context() -> ForwardContext:
+    if _CURRENT is None:
+        raise RuntimeError("no ForwardContext installed: layers run only inside model_runner steps")
+    return _CURRENT
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    global _CURRENT
+    previous, _CURRENT = _CURRENT, ctx
+    try:
+        yield ctx
+    finally:
+        _CURRENT = previous

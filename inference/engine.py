@@ -1,0 +1,345 @@
+"""`LLM`: the offline engine. add_request / step / generate over the scheduler, runner and LoRA pool.
+
+    llm = LLM("path/or/org/model", adapters={"sql": "org/sql-lora"}, max_loras=4)
+    outs = llm.generate([GenerateRequest("r1", prompt="Hi", adapter="sql")])
+
+Start-up order (so the KV cache gets what is really left): config.json -> adapters read and checked
+against the model (before any weight loads) -> model built on the device and weights streamed in ->
+LoRA slab -> KV cache sized and attached.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorax.adapters.canonical import CanonicalAdapter
+from lorax.errors import AdapterError, ConfigError
+from lorax.inference.config import EngineConfig, ModelConfig
+from lorax.inference.kv_cache import KVCache, plan_num_blocks
+from lorax.inference.lora_pool import LoraPool, check_adapter
+from lorax.inference.model_runner import ModelRunner, StepResult
+from lorax.inference.models import model_class
+from lorax.inference.scheduler import Scheduler
+from lorax.inference.sequence import Sequence, Status
+from lorax.inference.tokenizer import IncrementalDetokenizer, Tokenizer
+from lorax.inference.types import GenerateRequest, RequestOutput, TokenLogprob
+from lorax.inference.weights import dummy_weights, load_weights
+from lorax.kernels.registry import get_ops
+
+log = logging.getLogger("lorax.engine")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_dir(model: str, revision: str | None = None) -> Path:
+    """A local directory, or a Hub repo id fetched (or found in the offline cache) by huggingface_hub."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ConfigError(f"model {model!r}: not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+        return Path(snapshot_download(repo_id=model, revision=revision, allow_patterns=patterns))
+    except Exception as exc:  # network, auth, or not in the offline cache
+        raise ConfigError(f"model {model!r}: not a local directory and not fetchable from the Hub ({exc})") from exc
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"engine option device={name!r}: no CUDA device is available")
+    return device
+
+
+def _resolve_dtype(name: str, mcfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32  # CPU matmuls in bf16 are slow and the references compare in fp32
+    return _DTYPES.get(mcfg.torch_dtype, torch.bfloat16) if mcfg.torch_dtype != "float32" else torch.bfloat16
+
+
+def _adapter_loader(sources: dict[str, str]) -> Callable[[str], CanonicalAdapter]:
+    def load(name: str) -> CanonicalAdapter:
+        try:
+            from lorax.adapters import load_adapter  # type: ignore[attr-defined]
+        except ImportError as exc:
+            raise AdapterError("this build of lorax cannot read adapter files yet (lorax.adapters.load_adapter)") from exc
+        adapter: CanonicalAdapter = load_adapter(sources[name], name=name)
+        return adapter
+
+    return load
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str,
+        adapters: dict[str, str | CanonicalAdapter] | None = None,
+        **engine_options: Any,
+    ) -> None:
+        self.config = EngineConfig.from_options(engine_options)
+        cfg = self.config
+        self.model_name = model
+        self.model_dir = resolve_model_dir(model, cfg.revision)
+        self.model_config = mcfg = ModelConfig.from_pretrained_dir(self.model_dir)
+        self.device = _resolve_device(cfg.device)
+        self.dtype = _resolve_dtype(cfg.dtype, mcfg, self.device)
+        self._tokenizer: Tokenizer | None = None
+        if (self.model_dir / "tokenizer.json").exists():
+            self._tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.eos_token_ids = self._eos_ids()
+
+        max_len = cfg.max_model_len or mcfg.max_position_embeddings
+        if cfg.max_model_len and cfg.max_model_len > mcfg.max_position_embeddings:
+            raise ConfigError(
+                f"engine option max_model_len={cfg.max_model_len} exceeds the model's "
+                f"max_position_embeddings={mcfg.max_position_embeddings}"
+            )
+
+        # Adapters are read and checked before any weight is loaded: a bad adapter fails in seconds.
+        host_adapters: dict[str, CanonicalAdapter] = {}
+        sources = {n: s for n, s in (adapters or {}).items() if isinstance(s, str)}
+        loader = _adapter_loader(sources) if sources else None
+        for name, src in (adapters or {}).items():
+            adapter = src if isinstance(src, CanonicalAdapter) else _adapter_loader(sources)(name)
+            self._check_adapter(name, adapter)
+            host_adapters[name] = adapter
+        self.adapter_names = list(host_adapters)
+
+        self.ops = get_ops(self.device, cfg.kernel_backend)
+        cls = model_class(mcfg.model_type)
+        self.model = cls(mcfg, self.ops, self.dtype, self.device, max_len)
+        params = self.model.named_weights()
+        if cfg.load_format == "dummy":
+            dummy_weights(params, cfg.seed)
+        else:
+            load_weights(params, self.model_dir, mcfg)
+
+        self.pool: LoraPool | None = None
+        if host_adapters:
+            self.pool = LoraPool(
+                self.model, mcfg, cfg.max_loras, cfg.max_lora_rank, host_adapters,
+                loader=loader if len(sources) == len(host_adapters) else None,
+                max_cpu_loras=cfg.max_cpu_loras,
+            )
+
+        num_blocks = plan_num_blocks(mcfg, cfg, max_len, self.dtype, self.device)
+        capacity = (num_blocks - 1) * cfg.block_size
+        if capacity < max_len:
+            if cfg.max_model_len:
+                raise ConfigError(
+                    f"engine option max_model_len={cfg.max_model_len} needs {max_len} KV slots but only "
+                    f"{capacity} fit; lower max_model_len or give the cache more memory"
+                )
+            log.warning("max_model_len lowered from %d to %d to fit the KV cache", max_len, capacity)
+            max_len = capacity
+        self.max_model_len = max_len
+        self.kv_cache = KVCache(mcfg, num_blocks, cfg.block_size, self.dtype, self.device)
+        self.kv_cache.attach([layer.attn for layer in self.model.layers])
+
+        self.scheduler = Scheduler(
+            self.kv_cache.allocator, self.pool, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(self.model, cfg.block_size, self.device)
+        self._rng = random.Random(cfg.seed)
+        self._next_index = 0
+        self._early: list[RequestOutput] = []  # requests refused at add time, returned by the next step()
+
+    # ---- properties of the public API -----------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise ConfigError(f"{self.model_dir}: the model has no tokenizer.json (pass prompt_token_ids)")
+        return self._tokenizer
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set(self.model_config.eos_token_ids)
+        gen = self.model_dir / "generation_config.json"
+        if gen.exists():
+            import json
+
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self._tokenizer is not None and self._tokenizer.eos_token_id is not None:
+            ids.add(self._tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def _check_adapter(self, name: str, adapter: CanonicalAdapter) -> None:
+        try:
+            from lorax.adapters import check_against_config  # type: ignore[attr-defined]
+        except ImportError:
+            check_against_config = None
+        if check_against_config is not None:
+            problems = check_against_config(adapter, self.model_config.hf_config)
+            if problems:
+                raise AdapterError(f"adapter {name!r} does not fit {self.model_name}: {'; '.join(problems)}")
+        check_adapter(adapter, self.model_config, self.config.max_lora_rank)
+
+    # ---- requests --------------------------------------------------------------------------------
+    def _refuse(self, req: GenerateRequest, ids: list[int], why: str) -> RequestOutput:
+        return RequestOutput(req.request_id, req.adapter, ids, error=why)
+
+    def _make_sequence(self, req: GenerateRequest, index: int) -> Sequence | RequestOutput:
+        sp = req.sampling
+        try:
+            sp.validate()
+        except ValueError as exc:
+            return self._refuse(req, [], f"bad sampling parameters: {exc}")
+        if req.adapter is not None and req.adapter not in self.adapter_names:
+            known = ", ".join(self.adapter_names) or "none"
+            return self._refuse(req, [], f"unknown adapter {req.adapter!r} (loaded: {known})")
+        if (req.prompt is None) == (req.prompt_token_ids is None):
+            return self._refuse(req, [], "give exactly one of prompt / prompt_token_ids")
+        if req.prompt is not None:
+            if self._tokenizer is None:
+                return self._refuse(req, [], "the model has no tokenizer; give prompt_token_ids")
+            ids = self._tokenizer.encode(req.prompt)
+        else:
+            ids = list(req.prompt_token_ids or [])
+        if not ids:
+            return self._refuse(req, ids, "empty prompt")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            return self._refuse(req, ids, f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            return self._refuse(
+                req, ids, f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} (no room to generate)"
+            )
+        seed = sp.seed if sp.seed is not None else self._rng.getrandbits(32)
+        seq = Sequence(req.request_id, index, req.adapter, sp, ids, seed=seed & 0xFFFFFFFF)
+        if self._tokenizer is not None:
+            seq.detok = IncrementalDetokenizer(self._tokenizer, ids)
+        if sp.logprobs is not None:
+            seq.logprobs = []
+        return seq
+
+    def _add(self, req: GenerateRequest) -> int:
+        index = self._next_index
+        self._next_index += 1
+        made = self._make_sequence(req, index)
+        if isinstance(made, RequestOutput):
+            made.metrics["index"] = index
+            self._early.append(made)
+        else:
+            self.scheduler.add(made)
+        return index
+
+    def add_request(self, req: GenerateRequest) -> None:
+        self._add(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._early) or self.scheduler.has_unfinished()
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._early = self._early, []
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return outputs
+        result = self.runner.step(batch)
+        self.scheduler.commit(batch)
+        for row, seq in enumerate(result.seqs):
+            if self._append(seq, row, result):
+                self.scheduler.finish(seq)
+                outputs.append(self._output(seq))
+        return outputs
+
+    def _append(self, seq: Sequence, row: int, result: StepResult) -> bool:
+        """Record one sampled token; True when the sequence is finished."""
+        token = result.ids[row]
+        seq.tokens.append(token)
+        sp = seq.sampling
+        if seq.logprobs is not None and result.logprob is not None:
+            top: list[tuple[int, float]] = []
+            if result.top_ids is not None and result.top_logprobs is not None and sp.logprobs:
+                top = list(zip(result.top_ids[row][: sp.logprobs], result.top_logprobs[row][: sp.logprobs], strict=True))
+            seq.logprobs.append(TokenLogprob(token, result.logprob[row], top))
+        if seq.detok is not None:
+            new = seq.detok.add(token)
+            if sp.stop and new:
+                text = seq.detok.text
+                window = len(new) + max(len(s) for s in sp.stop)
+                start = max(0, len(text) - window)
+                hits = [i for i in (text.find(s, start) for s in sp.stop) if i >= 0]
+                if hits:
+                    seq.text = text[: min(hits)]
+                    seq.finish_reason = "stop"
+                    return True
+            seq.text = seq.detok.text
+        if (not sp.ignore_eos and token in self.eos_token_ids) or token in sp.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        return seq.finish_reason is not None
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            adapter=seq.adapter,
+            prompt_token_ids=seq.prompt_ids,
+            token_ids=seq.output_ids,
+            text=seq.text,
+            finish_reason=seq.finish_reason,
+            logprobs=seq.logprobs,
+            metrics={"index": seq.index, "num_preemptions": seq.num_preemptions, "finished_at": time.time()},
+        )
+
+    @torch.inference_mode()
+    def prompt_logits(self, req: GenerateRequest) -> torch.Tensor:
+        """fp32 logits [L, V] at every prompt position (chunked like any prefill), for verification
+        tools and tests. Runs alone: call it only when no request is in flight."""
+        if self.has_unfinished():
+            raise RuntimeError("prompt_logits runs only while the engine is idle")
+        made = self._make_sequence(req, -1)
+        if isinstance(made, RequestOutput):
+            raise ValueError(made.error)
+        seq, sched = made, self.scheduler
+        sched.add(seq)
+        chunks: list[torch.Tensor] = []
+        try:
+            while seq.num_computed < seq.num_tokens:
+                batch = sched.schedule()
+                assert batch is not None and batch.seqs == [seq]
+                logits, _ = self.runner.forward_logits(batch, all_rows=True)
+                chunks.append(logits.cpu())
+                sched.commit(batch)
+        finally:
+            if seq in sched.running:
+                sched.finish(seq)
+        return torch.cat(chunks)
+
+    def generate(self, requests: list[GenerateRequest], use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run requests to completion; results in input order (failed requests carry .error)."""
+        first = self._next_index
+        for req in requests:
+            self._add(req)
+        results: dict[int, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(requests), desc="generate", unit="req")
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.metrics["index"]] = out
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[first + i] for i in range(len(requests))]
+
+
+__all__ = ["LLM", "Status", "resolve_model_dir"]

@@ -1,0 +1,63 @@
+"""Self-attention over the paged KV cache: fused qkv (+LoRA), optional q/k norm, rope, GQA, o (+LoRA)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorax.inference.config import ModelConfig
+from lorax.inference.context import get_forward_context
+from lorax.inference.layers.linear import LoraLinear
+from lorax.inference.layers.norm_rope import RMSNorm, RotaryEmbedding
+from lorax.kernels.registry import KernelOps
+
+
+class Attention(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, rope: RotaryEmbedding, ops: KernelOps, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ops = ops
+        self.rope = rope  # shared by every layer; not a registered submodule
+        self.n_h, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.qkv = LoraLinear(
+            cfg.hidden_size, (cfg.q_size, cfg.kv_size, cfg.kv_size), ops, cfg.qkv_bias, dtype, device
+        )
+        self.o = LoraLinear(cfg.q_size, (cfg.hidden_size,), ops, cfg.o_bias, dtype, device)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if cfg.qk_norm == "head":  # Qwen3: one norm over each head's D features
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
+        elif cfg.qk_norm == "full":  # OLMoE: one norm over the whole q (k) projection
+            self.q_norm = RMSNorm(cfg.q_size, cfg.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(cfg.kv_size, cfg.rms_norm_eps, dtype, device)
+        # Attached by the KV cache after it is sized: [num_blocks, block_size, n_kv, D] each.
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        T = x.shape[0]
+        q, k, v = self.qkv(x).split([self.cfg.q_size, self.cfg.kv_size, self.cfg.kv_size], dim=-1)
+        if self.cfg.qk_norm == "full":
+            assert self.q_norm is not None and self.k_norm is not None
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(T, self.n_h, self.head_dim)
+        k = k.reshape(T, self.n_kv, self.head_dim)
+        v = v.reshape(T, self.n_kv, self.head_dim)
+        if self.cfg.qk_norm == "head":
+            assert self.q_norm is not None and self.k_norm is not None
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.cfg.clip_qkv is not None:
+            c = self.cfg.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q, k = self.rope(ctx.positions, q, k)
+        assert self.k_cache is not None and self.v_cache is not None, "KV cache not attached"
+        self.ops.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        out = self.ops.paged_attention(
+            q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc, self.scale
+        )
+        return self.o(out.reshape(T, self.cfg.q_size))
