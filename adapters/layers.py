@@ -100,7 +100,9 @@ def _split_fused_gate_up(a3: torch.Tensor, b3: torch.Tensor) -> tuple[Part, Part
     """
     inter, r = b3.shape[1] // 2, b3.shape[2]
     h = r // 2
-    if r % 2 == 0 and not b3[:, :inter, h:].any() and not b3[:, inter:, :h].any():
+    off_diagonal_zero = not b3[:, :inter, h:].any() and not b3[:, inter:, :h].any()
+    diagonal_used = bool(b3[:, :inter, :h].any()) and bool(b3[:, inter:, h:].any())  # not a fresh B = 0
+    if r % 2 == 0 and off_diagonal_zero and diagonal_used:
         return (a3[:, :h], b3[:, :inter, :h]), (a3[:, h:], b3[:, inter:, h:])
     return (a3, b3[:, :inter]), (a3, b3[:, inter:])
 

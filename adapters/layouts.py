@@ -118,8 +118,11 @@ class AdapterWriter:
         down = "down" in moe.parts
         if gate_up:
             a = moe.gate_up_A.expand(num, -1, -1)
-            if torch.equal(a[:, :r], a[:, r:]):  # one A for both halves: PEFT's native rank-r form
+            if "up" not in moe.parts or torch.equal(a[:, :r], a[:, r:]):
+                # one A for both halves (PEFT's native rank-r form); an absent half has B rows of zeros
                 a3, b3, rank = a[:, :r], moe.gate_up_B, r
+            elif "gate" not in moe.parts:
+                a3, b3, rank = a[:, r:], moe.gate_up_B, r
             else:  # PEFT's rewrite of separate gate/up factors: rank 2r, block-diagonal B
                 a3, b3, rank = a, _block_diag_gate_up(moe.gate_up_B, r), 2 * r
             module = "mlp.experts.base_layer" if down else "mlp.experts"

@@ -139,7 +139,13 @@ def load_adapter(source: str, *, name: str | None = None, revision: str | None =
     if plan.errors:
         more = f" (and {len(plan.errors) - 1} more)" if len(plan.errors) > 1 else ""
         raise AdapterError(f"{opened.files.weights}: {plan.errors[0]}{more}")
-    adapter = new_canonical(opened, name or _default_name(source))
+    return build_canonical(opened, name or _default_name(source))
+
+
+def build_canonical(opened: OpenedAdapter, name: str) -> CanonicalAdapter:
+    """Read every tensor of an opened adapter into canonical form (raises AdapterError naming the tensor)."""
+    plan = opened.plan
+    adapter = new_canonical(opened, name)
     hidden = hidden_hint(opened)
     for layer, lp in sorted(plan.layers.items()):
         for module, pair in lp.dense.items():
