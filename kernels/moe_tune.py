@@ -1,0 +1,181 @@
+"""Block-config sweep and timing of the Triton fused_moe on a GPU.
+
+    python -m lorax.kernels.moe_tune --out-dir DIR [--shapes qwen3-30b-a3b,olmoe,mixtral] [--tokens 1,8,...]
+
+For each layer shape and token count it times every candidate config (CUDA graph, rotated routings so
+the expert weights come from HBM), keeps the fastest correct one, then times the same layer with 4
+adapters of rank 16 (every token on an adapter) over the LoRA K-split choices. Writes DIR/fused_moe.json
+(the data file kernels/configs/fused_moe.json holds) and DIR/moe_tune_report.json (ms, GB/s, fraction
+of the HBM roofline, LoRA / base ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.testing
+
+from lorax.kernels.fused_moe import fused_moe, fused_moe_ref
+from lorax.kernels.moe_align import moe_align
+from lorax.kernels.moe_lora import MoELoraArgs
+
+SHAPES = {  # name: (H, I, E, k)
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "olmoe": (2048, 1024, 64, 8),
+    "mixtral": (4096, 14336, 8, 2),
+}
+HBM_TB_S = 3.02  # H100 80GB HBM3 copy bandwidth measured for BENCHMARKS.md
+PEAK_TFLOPS = 788.0
+DEVICE = "cuda"  # the CPU smoke test of this script switches it
+
+# (BLOCK_M, BLOCK_N_GU, BLOCK_K_GU, BLOCK_N_D, BLOCK_K_D, GROUP_M, num_warps, num_stages)
+_SMALL = [(16, 32, 256, 64, 256, 1, 4, 3), (16, 64, 128, 64, 128, 1, 4, 4), (16, 16, 256, 32, 256, 1, 4, 3),
+          (16, 32, 128, 128, 128, 1, 4, 4), (16, 64, 256, 128, 128, 1, 8, 3), (16, 32, 128, 64, 128, 1, 4, 5)]
+_MID = [(32, 64, 128, 64, 128, 1, 4, 4), (32, 32, 256, 64, 256, 1, 4, 3), (64, 64, 64, 128, 64, 8, 4, 4),
+        (16, 64, 128, 64, 128, 1, 4, 4), (64, 64, 128, 64, 128, 4, 8, 3)]
+_LARGE = [(64, 64, 64, 128, 64, 8, 4, 4), (128, 64, 64, 128, 64, 8, 8, 3), (64, 128, 64, 128, 64, 8, 8, 3),
+          (128, 128, 64, 128, 64, 8, 8, 3), (64, 64, 128, 128, 64, 8, 4, 3)]
+_KEYS = ("BLOCK_M", "BLOCK_N_GU", "BLOCK_K_GU", "BLOCK_N_D", "BLOCK_K_D", "GROUP_M", "num_warps", "num_stages")
+
+
+def candidates(T: int, k: int, E: int) -> list[dict[str, int]]:
+    per_expert = T * k / E
+    pool = _SMALL if per_expert <= 4 else _MID if per_expert <= 48 else _LARGE
+    if 4 < per_expert <= 8 or 48 < per_expert <= 96:  # bucket edges: try both neighbours
+        pool = pool + (_SMALL[:3] if per_expert <= 8 else _MID[:3])
+    return [dict(zip(_KEYS, c, strict=True), SPLIT=1) for c in pool]
+
+
+def time_ms(fns: list[Callable[[], object]]) -> float:
+    run = lambda: [f() for f in fns]
+    return triton.testing.do_bench_cudagraph(run, rep=40, return_mode="median") / len(fns)
+
+
+def workload(H: int, I: int, E: int, k: int, T: int, sets: int, S: int = 4, R: int = 16,
+             dtype: torch.dtype = torch.bfloat16) -> tuple:
+    dev = DEVICE
+    w13 = torch.randn(E, 2 * I, H, dtype=dtype, device=dev) / H**0.5
+    w2 = torch.randn(E, H, I, dtype=dtype, device=dev) / I**0.5
+    routings = []
+    for _ in range(sets):
+        x = torch.randn(T, H, dtype=dtype, device=dev)
+        w, ids = torch.topk(torch.randn(T, E, device=dev).softmax(-1), k)
+        routings.append((x, w, ids.to(torch.int32)))
+    lora = MoELoraArgs(
+        (torch.arange(T, device=dev) % S).to(torch.int32),
+        torch.randn(S, E, 2 * R, H, dtype=dtype, device=dev) / H**0.5,
+        torch.randn(S, E, 2 * I, R, dtype=dtype, device=dev) / R**0.5,
+        torch.randn(S, E, R, I, dtype=dtype, device=dev) / I**0.5,
+        torch.randn(S, E, H, R, dtype=dtype, device=dev) / R**0.5,
+    )
+    return w13, w2, routings, lora
+
+
+def time_layer(w13: torch.Tensor, w2: torch.Tensor, routings: list, lora: MoELoraArgs | None,
+               cfg: dict[str, int]) -> float:
+    """ms per fused_moe call, the routings replayed one after another inside one CUDA graph."""
+    return time_ms([lambda r=r: fused_moe(r[0], w13, w2, r[1], r[2], lora, config=cfg) for r in routings])
+
+
+def layer_bytes(H: int, I: int, E: int, k: int, T: int, ids: torch.Tensor, lora: MoELoraArgs | None) -> int:
+    hit = int(torch.unique(ids).numel())
+    n = hit * 3 * H * I * 2 + 2 * T * H * 2
+    if lora is not None:
+        R = lora.gate_up_A.shape[2] // 2
+        pairs = int(torch.unique(ids.long() + E * lora.token_slot.long()[:, None]).numel())
+        n += pairs * 2 * R * 3 * (H + I)
+    return n
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
+def tune_shape(name: str, tokens: list[int], log: Callable[[str], None]) -> tuple[dict, list[dict]]:
+    H, I, E, k = SHAPES[name]
+    table: dict[str, dict[str, int]] = {}
+    rows = []
+    for T in tokens:
+        w13, w2, routings, lora = workload(H, I, E, k, T, sets=4 if T <= 128 else 2)
+        x, w, ids = routings[0]
+        ref = fused_moe_ref(x, w13, w2, w, ids)
+        best: tuple[float, dict[str, int]] | None = None
+        for cfg in candidates(T, k, E):
+            try:
+                err = rel_err(fused_moe(x, w13, w2, w, ids, config=cfg), ref)
+                if err > 3e-2:
+                    log(f"  {name} T={T} {cfg}: WRONG rel err {err:.2e}")
+                    continue
+                ms = time_layer(w13, w2, routings, None, cfg)
+            except Exception as exc:  # out of shared memory / registers for this tile
+                log(f"  {name} T={T} {cfg}: skipped ({type(exc).__name__}: {str(exc)[:80]})")
+                continue
+            log(f"  {name} T={T} base {ms * 1e3:8.1f} us  {cfg}")
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        assert best is not None, f"no config ran for {name} T={T}"
+        base_ms, cfg = best
+        lora_ref = fused_moe_ref(x, w13, w2, w, ids, lora)
+        lora_best: tuple[float, int] | None = None
+        for split in ((1, 2, 4, 8) if T <= 32 else (1, 2) if T <= 128 else (1,)):
+            c = {**cfg, "SPLIT": split}
+            err = rel_err(fused_moe(x, w13, w2, w, ids, lora, config=c), lora_ref)
+            ms = time_layer(w13, w2, routings, lora, c)
+            log(f"  {name} T={T} lora SPLIT={split} {ms * 1e3:8.1f} us rel err {err:.1e}")
+            if err < 3e-2 and (lora_best is None or ms < lora_best[0]):
+                lora_best = (ms, split)
+        assert lora_best is not None
+        cfg = {**cfg, "SPLIT": lora_best[1]}
+        table[str(T)] = cfg
+        align_ms = time_ms([lambda r=r, bm=cfg["BLOCK_M"]: moe_align(r[2], E, bm) for r in routings])
+        nbytes = layer_bytes(H, I, E, k, T, ids, None)
+        flops = 2 * T * k * 3 * H * I
+        roof = max(nbytes / (HBM_TB_S * 1e9), flops / (PEAK_TFLOPS * 1e9))
+        row = dict(shape=name, T=T, base_us=base_ms * 1e3, lora_us=lora_best[0] * 1e3,
+                   lora_over_base=lora_best[0] / base_ms, align_us=align_ms * 1e3,
+                   base_GB_s=nbytes / base_ms / 1e6, base_TFLOP_s=flops / base_ms / 1e9,
+                   base_roofline_frac=roof / base_ms, config=cfg)
+        log(f"{name} T={T}: base {row['base_us']:.1f} us ({row['base_GB_s']:.0f} GB/s, "
+            f"{row['base_TFLOP_s']:.1f} TFLOP/s, {100 * row['base_roofline_frac']:.0f}% of roofline), "
+            f"lora {row['lora_us']:.1f} us = {row['lora_over_base']:.3f}x base, align {row['align_us']:.1f} us")
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return table, rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--tokens", default="1,8,32,128,512,2048")
+    args = ap.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    torch.manual_seed(0)
+    dev_name = torch.cuda.get_device_name()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    configs: dict[str, dict] = {dev_name: {}}
+    report = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=[])
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    for name in args.shapes.split(","):
+        H, I, E, k = SHAPES[name]
+        table, rows = tune_shape(name, tokens, log)
+        configs[dev_name][f"E{E}_H{H}_I{I}_k{k}"] = table
+        report["rows"].extend(rows)  # type: ignore[union-attr]
+        with open(os.path.join(args.out_dir, "fused_moe.json"), "w") as f:
+            json.dump(configs, f, indent=1)
+        with open(os.path.join(args.out_dir, "moe_tune_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
