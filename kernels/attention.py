@@ -89,6 +89,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 # ----------------------------------------------------------------------------------------------
 # store_kv
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +180,7 @@ def _prefill_kernel(
     stride_tb,
     # meta
     CAST_FP32: tl.constexpr,
+    DOT_PREC: tl.constexpr,  # \"ieee\" for fp32 inputs (no silent tf32), else \"tf32\" (unused by bf16/fp16)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -221,14 +226,14 @@ def _prefill_kernel(
         if CAST_FP32:
             kt = kt.to(tl.float32)
             vb = vb.to(tl.float32)
-        s = tl.dot(q, kt) * qk_scale
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
         keep = (k_pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # ctx 0: no keys, output 0 like the reference
@@ -267,6 +272,7 @@ def _decode_kernel(
     # meta
     SPLIT: tl.constexpr,
     CAST_FP32: tl.constexpr,
+    DOT_PREC: tl.constexpr,  # \"ieee\" for fp32 inputs (no silent tf32), else \"tf32\" (unused by bf16/fp16)
     BLOCK_G: tl.constexpr,  # >= GROUP and >= 16 (tl.dot's minimum)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -310,13 +316,13 @@ def _decode_kernel(
         if CAST_FP32:
             kt = kt.to(tl.float32)
             vb = vb.to(tl.float32)
-        s = tl.dot(q, kt) * qk_scale  # the decode query is the last position: every key < ctx is visible
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # the decode query is the last position: every key < ctx is visible
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -420,6 +426,7 @@ def paged_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Triton `paged_attention` (contract at the top of this file).
 
@@ -431,6 +438,7 @@ def paged_attention(
     out: [T, n_h, D] output buffer; rows outside every sequence are not written (a fresh output is
         zero-filled, so they read 0 as in the reference).
     workspace: fp32 buffer of >= decode_workspace_size(B, n_h, D, splits) elements for split decode.
+    config: block sizes overriding the defaults (BLOCK_M, BLOCK_N, num_warps, num_stages).
     """
     _check_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
     T, n_h, D = q.shape
@@ -452,19 +460,21 @@ def paged_attention(
     )
     if max_query_len != 1:
         bound = T if max_query_len is None else min(int(max_query_len), T)
-        block_m = 16 if bound <= 16 or cast else 64
-        block_n = 16 if cast else 64
+        cfg = {"BLOCK_M": 16 if bound <= 16 or cast else 64, "BLOCK_N": 16 if cast else 64,
+               "num_warps": 4, "num_stages": 1 if cast else 3, **(config or {})}
+        block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
         _prefill_kernel[(B, n_h, triton.cdiv(bound, block_m))](
             q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc,
             qk_scale, bs, group, D,
             q.stride(0), q.stride(1), q.stride(2),
             *common_strides,
-            CAST_FP32=cast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=4,
+            CAST_FP32=cast, DOT_PREC=_dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out
 
-    block_n = 16 if cast else 64
+    cfg = {"BLOCK_N": 16 if cast else 64, "num_warps": 4, "num_stages": 1 if cast else 3, **(config or {})}
+    block_n = cfg["BLOCK_N"]
     ctx_bound = max_context_len if max_context_len is not None else block_tables.shape[1] * bs
     ctx_bound = max(1, int(ctx_bound))
     if num_splits is None:
@@ -488,8 +498,8 @@ def paged_attention(
         qk_scale, bs, group, D, n_h, splits, partition,
         q.stride(0), q.stride(1), q.stride(2),
         *common_strides,
-        SPLIT=split, CAST_FP32=cast, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+        SPLIT=split, CAST_FP32=cast, DOT_PREC=_dot_precision(q.dtype), BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split:
         _decode_reduce_kernel[(B, n_h)](

@@ -436,6 +436,8 @@ def run_kernels(
     dev = torch.device(device)
     torch.manual_seed(0)
     bw = measure_copy_tb_s(dev)
+    if progress:
+        progress(f"copy bandwidth {bw:.3f} TB/s")
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (Triton interpreter)"
     report = BenchReport(device=name, torch_version=torch.__version__, triton_version=triton.__version__,
                          date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -446,7 +448,15 @@ def run_kernels(
         for g in groups:
             if progress:
                 progress(f"{g} T={T}")
-            report.rows += cases[g](wl, T, dev, bw, peak_tflops)
+            try:
+                rows = cases[g](wl, T, dev, bw, peak_tflops)
+            except Exception as err:  # one broken kernel must not hide the others' figures
+                rows = [BenchRow(g, T, float("nan"), note=f"FAILED: {type(err).__name__}: {str(err)[:200]}")]
+            report.rows += rows
+            if progress:
+                for r in rows:  # partial results survive a run that is cut short
+                    progress(f"    {r.kernel} T={T}: {_ms(r.ours_ms)} ms, roofline {_ms(r.roofline_ms)} ms, "
+                             f"ref {_ms(r.ref_ms)} ms, fast {_ms(r.fast_ms)} ms, rel err {r.rel_err}")
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return report

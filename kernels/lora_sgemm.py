@@ -98,6 +98,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -123,6 +127,7 @@ def _lora_shrink_kernel(
     # meta
     HAS_RANK: tl.constexpr,
     CAST_FP32: tl.constexpr,  # interpreter: bf16 tl.dot is wrong there
+    DOT_PREC: tl.constexpr,  # \"ieee\" for fp32 inputs (no silent tf32), else \"tf32\" (unused by bf16/fp16)
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,  # next power of two >= R, >= 16
     BLOCK_K: tl.constexpr,
@@ -156,7 +161,7 @@ def _lora_shrink_kernel(
         if CAST_FP32:
             xb = xb.to(tl.float32)
             ab = ab.to(tl.float32)
-        acc += tl.dot(xb, ab)
+        acc += tl.dot(xb, ab, input_precision=DOT_PREC)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
 
@@ -188,6 +193,7 @@ def _lora_expand_kernel(
     SHRINK_INLINE: tl.constexpr,
     HAS_RANK: tl.constexpr,
     CAST_FP32: tl.constexpr,
+    DOT_PREC: tl.constexpr,  # \"ieee\" for fp32 inputs (no silent tf32), else \"tf32\" (unused by bf16/fp16)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -228,7 +234,7 @@ def _lora_expand_kernel(
             if CAST_FP32:
                 xb = xb.to(tl.float32)
                 ab = ab.to(tl.float32)
-            z += tl.dot(xb, ab)
+            z += tl.dot(xb, ab, input_precision=DOT_PREC)
             x_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K * stride_ak
     else:
@@ -242,9 +248,9 @@ def _lora_expand_kernel(
     b_ptrs = b_ptr + slot64 * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
     bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
     if CAST_FP32:
-        delta = tl.dot(z, bt.to(tl.float32))
+        delta = tl.dot(z, bt.to(tl.float32), input_precision=DOT_PREC)
     else:
-        delta = tl.dot(z.to(bt.dtype), bt)
+        delta = tl.dot(z.to(bt.dtype), bt, input_precision=DOT_PREC)
     y_ptrs = y_ptr + tok[:, None] * stride_yt + offs_n[None, :] * stride_yn
     mask = mask_m[:, None] & mask_n[None, :]
     y_old = tl.load(y_ptrs, mask=mask, other=0.0)
@@ -269,8 +275,16 @@ def _tile_table(slice_offsets: tuple[int, ...], block_n: int, device: str) -> to
     return torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1, 3)
 
 
-def _block_m(T: int) -> int:
-    return 16 if T <= 16 else 32 if T <= 64 else 64
+def lora_config(T: int, out_total: int, mode: str) -> dict[str, int]:
+    """Block sizes by token count. The fused schedule walks K once per output tile, so it takes long
+    K steps (few loop trips at decode); the split expand has K = R and wants wide output tiles."""
+    block_m = 16 if T <= 16 else 32 if T <= 64 else 64
+    if mode == "fused":
+        block_k = 256 if block_m == 16 else 128
+    else:
+        block_k = 64
+    return dict(BLOCK_M=block_m, BLOCK_N=128 if out_total >= 1024 else 64, BLOCK_K=block_k,
+                num_warps=4, num_stages=3)
 
 
 def _check(
@@ -308,12 +322,14 @@ def lora_linear(
     slot_rank: torch.Tensor | None = None,
     scratch: torch.Tensor | None = None,
     mode: str = "auto",
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Triton `lora_linear`: y += per-slot LoRA delta, in place; returns y.
 
     batch: the step's `build_lora_batch(token_slot, S)` (built here when None).
     scratch: fp32 buffer with >= T * n_slices * R elements for the split schedule (allocated when None).
     mode: "auto" | "fused" | "split".
+    config: block sizes overriding `lora_config` (keys BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
     """
     slice_offsets = tuple(int(o) for o in slice_offsets)
     _check(x, y, A, B, slice_offsets, token_slot)
@@ -334,10 +350,12 @@ def lora_linear(
     if mode not in ("fused", "split"):
         raise ValueError(f"lora_linear: unknown mode {mode!r}")
 
-    block_m = _block_m(T)
-    block_n = 128 if slice_offsets[-1] >= 1024 else 64
+    cfg = {**lora_config(T, slice_offsets[-1], mode), **(config or {})}
+    if _interpreting():
+        cfg["num_stages"] = 1
+    block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     block_r = max(16, triton.next_power_of_2(R))
-    block_k = 64
     tiles = _tile_table(slice_offsets, block_n, str(x.device))
     rank_arg = slot_rank if slot_rank is not None else batch.seg_len
     cast = _interpreting()
@@ -357,8 +375,8 @@ def lora_linear(
             x.stride(0), x.stride(1),
             A.stride(0), A.stride(1), A.stride(2),
             z.stride(0), z.stride(1),
-            HAS_RANK=slot_rank is not None, CAST_FP32=cast,
-            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+            HAS_RANK=slot_rank is not None, CAST_FP32=cast, DOT_PREC=_dot_precision(x.dtype),
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, **launch,
         )
     else:
         z = y  # unused pointer in the fused schedule
@@ -370,7 +388,7 @@ def lora_linear(
         z.stride(0), z.stride(1),
         B.stride(0), B.stride(1), B.stride(2),
         y.stride(0), y.stride(1),
-        SHRINK_INLINE=mode == "fused", HAS_RANK=slot_rank is not None, CAST_FP32=cast,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k,
+        SHRINK_INLINE=mode == "fused", HAS_RANK=slot_rank is not None, CAST_FP32=cast, DOT_PREC=_dot_precision(x.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k, **launch,
     )
     return y

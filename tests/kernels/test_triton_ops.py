@@ -84,4 +84,5 @@ def test_fused_moe_matches_ref(device):
     ids = ids.to(torch.int32)
     expect = fused_moe_ref(x, w13, w2, weights, ids)
     got = get_ops(device, "triton").fused_moe(x, w13, w2, weights, ids)
-    torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
+    tol = 1e-4 if device == "cpu" else 5e-3  # on the GPU an fp32 tl.dot may run in tf32
+    torch.testing.assert_close(got, expect, atol=tol, rtol=tol)
