@@ -311,9 +311,15 @@ class TorchZipSource:
 
     def get(self, key: str) -> torch.Tensor:
         ref = self._refs[key]
-        raw = bytearray(self._zip.read(self._member(ref.storage, key)))
+        info = self._member(ref.storage, key)
+        raw = bytearray(info.file_size)  # the one storage this tensor needs, read straight into place
+        with self._zip.open(info) as f:
+            if f.readinto(raw) != info.file_size:
+                raise AdapterError(f"{self.path}: tensor {key!r}: short read of storage {ref.storage.key!r}")
         flat = torch.frombuffer(raw, dtype=ref.storage.dtype) if raw else torch.empty(0, dtype=ref.storage.dtype)
-        return flat.as_strided(ref.size, ref.stride, ref.offset).clone()
+        view = flat.as_strided(ref.size, ref.stride, ref.offset)
+        whole = ref.offset == 0 and view.numel() == flat.numel() and view.is_contiguous()
+        return view if whole else view.clone()  # a view of part of a storage must not pin all of it
 
 
 def _itemsize(dtype: torch.dtype) -> int:
