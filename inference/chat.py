@@ -5,7 +5,8 @@ A template is the Jinja2 source found in a model's (or adapter's) tokenizer_conf
 or given by the user. Rendering follows transformers' `apply_chat_template`, so templates written for
 it produce the same text here:
 - a sandboxed, immutable environment with `trim_blocks` and `lstrip_blocks`, plus loop controls;
-- variables `messages`, `add_generation_prompt`, `bos_token`, `eos_token` (plus any extra kwargs);
+- variables `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `tools` and `documents`
+  (None unless given), plus any extra kwargs (`chat_template_kwargs`);
 - the `tojson` filter as `json.dumps` (non-ASCII kept, optional indent), `raise_exception(msg)` and
   `strftime_now(fmt)` globals, and the `{% generation %}` tag rendered as its plain body.
 The rendered text already holds whatever special tokens the template writes, so callers tokenize it
@@ -94,6 +95,9 @@ def render_chat(
     import jinja2
 
     compiled = _compile(template)
+    # transformers always defines these (None when absent); templates test `tools is not none`.
+    extra.setdefault("tools", None)
+    extra.setdefault("documents", None)
     try:
         return str(
             compiled.render(

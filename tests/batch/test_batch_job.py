@@ -275,3 +275,21 @@ def test_openai_output_shapes(tmp_path: Path, fake: FakeLLM) -> None:
     cmpl_lp = recs["request-3"]["response"]["body"]["choices"][0]["logprobs"]
     assert cmpl_lp["tokens"][:3] == ["A", "B", "C"] and cmpl_lp["text_offset"][:3] == [0, 1, 2]
     assert recs["request-1"]["response"]["body"]["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.slow
+def test_100k_lines_with_flat_memory(tmp_path: Path) -> None:
+    """Peak RSS growth of a 100k-line job (in a fresh process) against loading the same file whole."""
+    import subprocess
+    import sys
+
+    probe = Path(__file__).resolve().parent / "memory_probe.py"
+    res = subprocess.run([sys.executable, str(probe), str(tmp_path), "100000"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    fig = json.loads(res.stdout)
+    print(f"100k lines: job peak RSS +{fig['job_mb']:.1f} MB, whole-file load +{fig['load_mb']:.1f} MB")
+    assert fig["done"] == 100_000 and fig["errors"] == 0
+    assert fig["max_in_flight"] == 1024  # the lookahead window, never the file
+    # The id tables cost ~16-64 bytes per id (~6 MB here); a reader that holds the file costs ~10x that.
+    assert fig["job_mb"] < 0.5 * fig["load_mb"], fig
