@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,7 +30,9 @@ class ForwardContext:
     has_lora: bool  # host: any token in this step uses an adapter (else LoRA work is skipped)
     is_decode: bool  # host: every sequence contributes exactly one token
     num_tokens: int  # host: T
-    max_query_len: int  # host: the longest q_len in the step
+    max_query_len: int  # host: the longest q_len in the step (1 on decode steps)
+    slot_rank: torch.Tensor | None = None  # [S] int32, rank of the adapter in each slot (0 = empty)
+    lora_batch: Any = None  # the Triton backend's per-step LoraBatch (tokens grouped by slot), or None
 
 
 _CURRENT: ForwardContext | None = None

@@ -74,7 +74,7 @@ def _resolve_dtype(name: str, mcfg: ModelConfig, device: torch.device) -> torch.
 def _adapter_loader(sources: dict[str, str]) -> Callable[[str], CanonicalAdapter]:
     def load(name: str) -> CanonicalAdapter:
         try:
-            from lorax.adapters import load_adapter  # type: ignore[attr-defined]
+            from lorax.adapters import load_adapter
         except ImportError as exc:
             raise AdapterError("this build of lorax cannot read adapter files yet (lorax.adapters.load_adapter)") from exc
         adapter: CanonicalAdapter = load_adapter(sources[name], name=name)
@@ -153,7 +153,7 @@ class LLM:
         self.scheduler = Scheduler(
             self.kv_cache.allocator, self.pool, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens
         )
-        self.runner = ModelRunner(self.model, cfg.block_size, self.device)
+        self.runner = ModelRunner(self.model, cfg.block_size, self.device, self.ops, self.pool)
         self._rng = random.Random(cfg.seed)
         self._next_index = 0
         self._early: list[RequestOutput] = []  # requests refused at add time, returned by the next step()
@@ -179,9 +179,9 @@ class LLM:
 
     def _check_adapter(self, name: str, adapter: CanonicalAdapter) -> None:
         try:
-            from lorax.adapters import check_against_config  # type: ignore[attr-defined]
-        except ImportError:
-            check_against_config = None
+            from lorax.adapters.model_config import check_against_config
+        except ImportError:  # pragma: no cover - older adapters package
+            check_against_config = None  # type: ignore[assignment]
         if check_against_config is not None:
             problems = check_against_config(adapter, self.model_config.hf_config)
             if problems:

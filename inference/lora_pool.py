@@ -193,6 +193,8 @@ class LoraPool:
             if isinstance(mlp, SparseMoE) and i in moe_layers:
                 self._moe[i] = _moe_slab(mlp, self.S, self.R, shared_a, shared_b)
 
+        # Rank of the adapter in each slot, on the device, updated in place (kernels skip empty slots).
+        self.slot_rank = torch.zeros(self.S, dtype=torch.int32, device=self.device)
         self.slot_name: list[str | None] = [None] * self.S
         self.slot_of: dict[str, int] = {}
         self.refcount = [0] * self.S
@@ -258,7 +260,8 @@ class LoraPool:
         if old is not None:
             del self.slot_of[old]
         self.slot_name[slot] = None
-        for slab, _ in self._dense.values():
+        self.slot_rank[slot] = 0
+        for slab in {id(slab): slab for slab, _ in self._dense.values()}.values():  # qkv appears 3 times
             slab.zero(slot)
         for moe in self._moe.values():
             for t in _slab_tensors(moe):
@@ -274,6 +277,7 @@ class LoraPool:
             _put_moe(self._moe[layer], slot, m, self.R)
         self.slot_name[slot] = name
         self.slot_of[name] = slot
+        self.slot_rank[slot] = adapter.rank
 
 
 def _put_moe(slab: MoESlab, slot: int, m: MoELora, R: int) -> None:

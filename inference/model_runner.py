@@ -13,10 +13,12 @@ import torch
 
 from lorax.inference.context import ForwardContext, forward_context
 from lorax.inference.kv_cache import DUMMY_BLOCK
+from lorax.inference.lora_pool import LoraPool
 from lorax.inference.models.decoder import DecoderLM
 from lorax.inference.sampler import SampleOutput, SamplingBatch, sample
 from lorax.inference.scheduler import ScheduledBatch
 from lorax.inference.sequence import Sequence
+from lorax.kernels.registry import KernelOps
 
 
 @dataclass
@@ -29,8 +31,12 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderLM, block_size: int, device: torch.device) -> None:
+    def __init__(
+        self, model: DecoderLM, block_size: int, device: torch.device, ops: KernelOps, pool: LoraPool | None
+    ) -> None:
         self.model = model
+        self.ops = ops
+        self.pool = pool
         self.block_size = block_size
         self.device = device
         self.pin = device.type == "cuda"
@@ -62,8 +68,10 @@ class ModelRunner:
             if end == seq.num_tokens:  # the chunk reaches the last token: sample the next one
                 logits_rows.append(qsl[-1] - 1)
                 sampled.append(seq)
+        has_lora = self.pool is not None and self.pool.has_slabs and any(s >= 0 for s in token_slot)
         width = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [DUMMY_BLOCK] * (width - len(s.block_table)) for s in batch.seqs]
+        token_slot_t = self._tensor(token_slot, torch.int32)
         ctx = ForwardContext(
             positions=self._tensor(positions, torch.int64),
             slot_mapping=self._tensor(slots, torch.int64),
@@ -71,12 +79,18 @@ class ModelRunner:
             context_lens=self._tensor(context_lens, torch.int32),
             query_start_loc=self._tensor(qsl, torch.int32),
             logits_indices=self._tensor(logits_rows, torch.int64),
-            token_slot=self._tensor(token_slot, torch.int32),
-            has_lora=any(s >= 0 for s in token_slot),
+            token_slot=token_slot_t,
+            has_lora=has_lora,
             is_decode=batch.is_decode,
             num_tokens=len(input_ids),
             max_query_len=max(batch.num_new),
         )
+        if has_lora and self.pool is not None:
+            ctx.slot_rank = self.pool.slot_rank
+            if self.ops.name == "triton":  # the reference ignores it; the Triton kernels share it per step
+                from lorax.kernels.lora_sgemm import build_lora_batch
+
+                ctx.lora_batch = build_lora_batch(token_slot_t, self.pool.S)
         return self._tensor(input_ids, torch.int64), ctx, sampled
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:

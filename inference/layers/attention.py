@@ -58,6 +58,7 @@ class Attention(nn.Module):
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not attached"
         self.ops.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         out = self.ops.paged_attention(
-            q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc, self.scale
+            q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc, self.scale,
+            max_query_len=ctx.max_query_len,
         )
         return self.o(out.reshape(T, self.cfg.q_size))

@@ -54,5 +54,8 @@ class LoraLinear(nn.Module):
         if self.lora_A is not None and self.lora_B is not None:
             ctx = get_forward_context()
             if ctx.has_lora:
-                self.ops.lora_linear(x, y, self.lora_A, self.lora_B, self.slice_offsets, ctx.token_slot)
+                self.ops.lora_linear(
+                    x, y, self.lora_A, self.lora_B, self.slice_offsets, ctx.token_slot,
+                    batch=ctx.lora_batch, slot_rank=ctx.slot_rank,
+                )
         return y
