@@ -207,7 +207,7 @@ def _gate_up_kernel(
                 in_s = slot == s
                 if tl.max(in_s.to(tl.int32), axis=0) > 0:
                     da = tl.load(d_a_ptr + s * stride_ds + d_off, mask=m_d, other=0.0)  # [BLOCK_N, BLOCK_R]
-                    a_s = tl.where(in_s[:, None], act, 0.0)
+                    a_s = tl.where(in_s[:, None], act, 0.0).to(da.dtype)
                     if CAST_FP32:
                         a_s = a_s.to(tl.float32)
                         da = da.to(tl.float32)
