@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorax.errors import UsageError
+from lorax.errors import LoraxError, UsageError
 from lorax.inference.batch_io import (
     IdTable,
     JsonlAppender,
@@ -178,6 +178,9 @@ def run_job(engine: Any, cfg: JobConfig) -> JobSummary:
             line_no, _, raw = next(lines)
         except StopIteration:
             eof = True
+            if bar is not None:  # the total counted blank lines too
+                bar.total = summary.lines
+                bar.refresh()
             return
         if not raw.strip():
             return
@@ -221,7 +224,7 @@ def run_job(engine: Any, cfg: JobConfig) -> JobSummary:
             return
         try:
             engine.add_request(pending.request)
-        except (ValueError, TypeError) as err:  # an engine that rejects at once instead of via step()
+        except (ValueError, TypeError, LoraxError) as err:  # an engine that rejects at once, not via step()
             fail(line_no, key, id_value, openai, classify_engine_error(str(err)), str(err))
             return
         inflight[pending.request.request_id] = pending

@@ -283,7 +283,9 @@ class RequestBuilder:
             messages = validate_messages(src["messages"])
         except ValueError as err:
             raise LineFailure("invalid_parameter", str(err)) from err
-        template = self.chat_template or self.adapter_templates.get(adapter or "") or self.tokenizer.chat_template
+        # --chat-template wins, then the adapter's own template, then the model's.
+        template = (self.chat_template or self.adapter_templates.get(adapter or "")
+                    or getattr(self.tokenizer, "chat_template", None))
         if not template:
             raise LineFailure("chat_template_error", "'messages' need a chat template, and the model's tokenizer has "
                                                      "none: pass --chat-template (a file or a Jinja string)")

@@ -293,3 +293,19 @@ def test_100k_lines_with_flat_memory(tmp_path: Path) -> None:
     assert fig["max_in_flight"] == 1024  # the lookahead window, never the file
     # The id tables cost ~16-64 bytes per id (~6 MB here); a reader that holds the file costs ~10x that.
     assert fig["job_mb"] < 0.5 * fig["load_mb"], fig
+
+
+@pytest.mark.parametrize(("override", "want_base", "want_upper"), [
+    (None, "M:hi|", "A:hi|"),  # the model's template; the adapter's own for its lines
+    ("O:{{ messages[0].content }}|", "O:hi|", "O:hi|"),  # --chat-template wins everywhere
+])
+def test_chat_template_precedence(tmp_path: Path, override: str | None, want_base: str, want_upper: str) -> None:
+    engine = FakeLLM("m", adapters={"upper": ""}, chat_template="M:{{ messages[0].content }}|")
+    msgs = [{"role": "user", "content": "hi"}]
+    cfg = make_cfg(tmp_path, [{"id": "b", "messages": msgs}, {"id": "u", "messages": msgs, "adapter": "upper"}],
+                   chat_template=override, adapter_templates={"upper": "A:{{ messages[0].content }}|"})
+    run_job(engine, cfg)
+    got = {r["id"]: r["text"] for r in read_jsonl(cfg.output_path)}
+    assert got == {"b": expected_text(want_base, None), "u": expected_text(want_upper, "upper")}
+    # chat prompts are tokenized without adding BOS again (the template decides)
+    assert all(r["usage"]["prompt_tokens"] == len(want_base) for r in read_jsonl(cfg.output_path))
