@@ -97,6 +97,7 @@ def run_batch(
         chat_template=template, adapter_templates=adapter_templates, base_names=tuple(n for n in (rec.model, rec.name) if n),
         ordered=bool(rec.job.get("ordered", False)), retry_errors=bool(rec.job.get("retry_errors", False)),
         fsync_interval_s=float(rec.job.get("fsync_interval_s", 5.0)), progress=not quiet,
+        seed=int(rec.engine.get("seed", 0)),
     )
     check_paths(cfg)  # before minutes of model loading
 

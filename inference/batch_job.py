@@ -61,6 +61,7 @@ class JobConfig:
     chat_template: str | None = None  # overrides the model's and the adapters' templates
     adapter_templates: dict[str, str] = field(default_factory=dict)  # adapter name -> its own template
     base_names: tuple[str, ...] = ()  # extra names meaning "the base model" in OpenAI body.model
+    seed: int | None = 0  # sampled lines without a seed get one from (seed, id); None: the engine's RNG
     max_in_flight: int = 1024
     ordered: bool = False
     retry_errors: bool = False
@@ -154,7 +155,8 @@ def run_job(engine: Any, cfg: JobConfig) -> JobSummary:
         cfg.errors_path.write_bytes(b"")  # every earlier error line reruns and is written again if it fails
     summary.truncated_bytes += scan_jsonl(cfg.errors_path, on_error)
 
-    builder = RequestBuilder(engine, cfg.sampling_defaults, cfg.chat_template, cfg.adapter_templates, cfg.base_names)
+    builder = RequestBuilder(engine, cfg.sampling_defaults, cfg.chat_template, cfg.adapter_templates, cfg.base_names,
+                             cfg.seed)
     out_f = JsonlAppender(cfg.output_path, cfg.fsync_interval_s)
     err_f = JsonlAppender(cfg.errors_path, cfg.fsync_interval_s)
     bar = _progress(cfg, count_lines(cfg.input_path) if cfg.progress else 0)

@@ -16,6 +16,7 @@ Records written back:
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ def classify_engine_error(message: str) -> str:
         return "unknown_adapter"
     if "empty" in m:
         return "missing_prompt"
+    if "sampling" in m or "must be" in m or "give exactly one" in m:
+        return "invalid_parameter"
     return "request_failed"
 
 
@@ -119,8 +122,10 @@ class RequestBuilder:
         chat_template: str | None = None,
         adapter_templates: dict[str, str] | None = None,
         base_names: tuple[str, ...] = (),
+        seed: int | None = None,
     ) -> None:
         self.engine = engine
+        self.seed = seed
         self.tokenizer = engine.tokenizer
         self.adapters = set(engine.adapter_names)
         self.max_model_len: int | None = getattr(engine, "max_model_len", None)
@@ -143,7 +148,7 @@ class RequestBuilder:
             raise LineFailure("invalid_parameter", f"'adapter' must be a string or null, got {adapter!r}")
         adapter = adapter or None
         self._check_adapter(adapter)
-        sampling = self._sampling({k: obj[k] for k in obj if k in _SIMPLE_KEYS})
+        sampling = self._seeded(self._sampling({k: obj[k] for k in obj if k in _SIMPLE_KEYS}), key)
         prompt, ids = self._prompt(obj, adapter, add_generation_prompt=True, template_kwargs={})
         req = GenerateRequest(rid, prompt=prompt, prompt_token_ids=ids, adapter=adapter, sampling=sampling)
         return PendingLine(line_no, key, id_value, "simple", None, False, req)
@@ -194,7 +199,7 @@ class RequestBuilder:
                 raise LineFailure("invalid_parameter", f"{COMPLETIONS_URL} takes 'prompt', not 'messages'")
             if body.get("logprobs") is not None:
                 params["logprobs"] = body["logprobs"]
-        sampling = self._sampling(params)
+        sampling = self._seeded(self._sampling(params), key)
         gen_prompt = body.get("add_generation_prompt", True)
         kwargs = body.get("chat_template_kwargs") or {}
         if not isinstance(gen_prompt, bool) or not isinstance(kwargs, dict):
@@ -210,6 +215,14 @@ class RequestBuilder:
         prompt, ids = self._prompt(src, adapter, add_generation_prompt=gen_prompt, template_kwargs=kwargs)
         req = GenerateRequest(rid, prompt=prompt, prompt_token_ids=ids, adapter=adapter, sampling=sampling)
         return PendingLine(line_no, key, key, "chat" if chat else "completions", model, chat_logprobs, req)
+
+    def _seeded(self, params: SamplingParams, key: str) -> SamplingParams:
+        """Give a sampled line without its own seed one derived from (job seed, id): a line resumed after
+        a crash then draws the same tokens as in an uninterrupted run, whatever its batch neighbours."""
+        if self.seed is not None and params.seed is None and params.temperature > 0:
+            digest = hashlib.blake2b(f"{self.seed}:{key}".encode("utf-8", "surrogatepass"), digest_size=4).digest()
+            params.seed = int.from_bytes(digest, "little")
+        return params
 
     def _adapter_for_model(self, model: Any) -> str | None:
         if model is None:

@@ -309,3 +309,30 @@ def test_chat_template_precedence(tmp_path: Path, override: str | None, want_bas
     assert got == {"b": expected_text(want_base, None), "u": expected_text(want_upper, "upper")}
     # chat prompts are tokenized without adding BOS again (the template decides)
     assert all(r["usage"]["prompt_tokens"] == len(want_base) for r in read_jsonl(cfg.output_path))
+
+
+def test_sampled_lines_get_seeds_stable_across_resume(tmp_path: Path) -> None:
+    class SeedLLM(FakeLLM):
+        def __init__(self) -> None:
+            super().__init__("m")
+            self.seeds: dict[str, int | None] = {}
+
+        def add_request(self, req: Any) -> None:
+            self.seeds[req.prompt] = req.sampling.seed
+            super().add_request(req)
+
+    lines = [{"id": f"t{i}", "prompt": f"p{i}|", "temperature": 0.7} for i in range(6)]
+    lines += [{"id": "own", "prompt": "own|", "temperature": 0.7, "seed": 11}, {"id": "greedy", "prompt": "g|"}]
+    first, second = SeedLLM(), SeedLLM()
+    cfg = make_cfg(tmp_path, lines)
+    run_job(first, cfg)
+    cfg.output_path.write_text("".join(cfg.output_path.read_text().splitlines(keepends=True)[:3]))  # "crash"
+    run_job(second, cfg)
+    assert second.seeds and all(second.seeds[p] == first.seeds[p] for p in second.seeds)
+    assert len({first.seeds[f"p{i}|"] for i in range(6)}) == 6  # distinct per line
+    assert first.seeds["own|"] == 11 and first.seeds["g|"] is None  # own seed kept; greedy untouched
+    cfg.seed = 1
+    third = SeedLLM()
+    cfg.output_path.unlink()
+    run_job(third, cfg)
+    assert third.seeds["p0|"] != first.seeds["p0|"]  # the job seed matters
