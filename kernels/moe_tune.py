@@ -133,17 +133,20 @@ def tune_shape(name: str, tokens: list[int], log: Callable[[str], None]) -> tupl
         assert lora_best is not None
         cfg = {**cfg, "SPLIT": lora_best[1]}
         table[str(T)] = cfg
+        idle = lora._replace(token_slot=torch.full_like(lora.token_slot, -1))  # LoRA on, no token uses it
+        idle_ms = time_layer(w13, w2, routings, idle, cfg)
         align_ms = time_ms([lambda r=r, bm=cfg["BLOCK_M"]: moe_align(r[2], E, bm) for r in routings])
         nbytes = layer_bytes(H, I, E, k, T, ids, None)
         flops = 2 * T * k * 3 * H * I
         roof = max(nbytes / (HBM_TB_S * 1e9), flops / (PEAK_TFLOPS * 1e9))
         row = dict(shape=name, T=T, base_us=base_ms * 1e3, lora_us=lora_best[0] * 1e3,
-                   lora_over_base=lora_best[0] / base_ms, align_us=align_ms * 1e3,
+                   lora_over_base=lora_best[0] / base_ms, lora_no_token_us=idle_ms * 1e3, align_us=align_ms * 1e3,
                    base_GB_s=nbytes / base_ms / 1e6, base_TFLOP_s=flops / base_ms / 1e9,
                    base_roofline_frac=roof / base_ms, config=cfg)
         log(f"{name} T={T}: base {row['base_us']:.1f} us ({row['base_GB_s']:.0f} GB/s, "
             f"{row['base_TFLOP_s']:.1f} TFLOP/s, {100 * row['base_roofline_frac']:.0f}% of roofline), "
-            f"lora {row['lora_us']:.1f} us = {row['lora_over_base']:.3f}x base, align {row['align_us']:.1f} us")
+            f"lora {row['lora_us']:.1f} us = {row['lora_over_base']:.3f}x base, lora w/o tokens "
+            f"{row['lora_no_token_us']:.1f} us, align {row['align_us']:.1f} us")
         rows.append(row)
         torch.cuda.empty_cache()
     return table, rows
