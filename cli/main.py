@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # click usage errors and the like
         import click
 
-        if isinstance(err, click.exceptions.ClickException):
+        # typer >= 0.27 vendors click (typer._click): its usage errors derive from typer.TyperException.
+        if isinstance(err, click.exceptions.ClickException) or (
+            isinstance(err, typer.TyperException) and hasattr(err, "show") and hasattr(err, "exit_code")
+        ):
             err.show()
             return err.exit_code
         if isinstance(err, click.exceptions.Exit):
