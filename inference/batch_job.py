@@ -47,6 +47,7 @@ from lorax.inference.batch_requests import (
     line_key,
     result_record,
 )
+from lorax.inference.types import RequestOutput
 
 # Error codes keyed by line number on resume: the line has no id of its own that could be skipped.
 _LINE_KEYED = frozenset(("invalid_json", "invalid_request", "missing_id", "duplicate_id"))
@@ -132,150 +133,169 @@ def run_job(engine: Any, cfg: JobConfig) -> JobSummary:
     """Run (or resume) the job; return its summary. Exceptions from the engine propagate after the
     files are flushed and closed (everything written so far stays valid for resume)."""
     check_paths(cfg)
-    t0 = time.monotonic()
-    summary = JobSummary()
-    done_ids, err_ids, err_lines = IdTable(), IdTable(), IdTable()
+    return _Job(engine, cfg).run()
 
-    def on_output(n: int, rec: dict[str, Any]) -> None:
+
+class _Job:
+    """One pass over the input: resume state, the lookahead window, and the two appenders."""
+
+    def __init__(self, engine: Any, cfg: JobConfig) -> None:
+        self.engine, self.cfg = engine, cfg
+        self.t0 = time.monotonic()
+        self.summary = JobSummary()
+        self.done_ids, self.err_ids, self.err_lines = IdTable(), IdTable(), IdTable()
+        self.seen = IdTable()  # ids met in this pass over the input (duplicates)
+        self.inflight: dict[str, PendingLine] = {}  # engine request id -> line
+        self.eof = False
+
+    # ---- resume ------------------------------------------------------------------------------------
+    def _on_output(self, n: int, rec: dict[str, Any]) -> None:
         key = record_key(rec)
         if key is not None:
-            done_ids.add(key)
+            self.done_ids.add(key)
 
-    def on_error(n: int, rec: dict[str, Any]) -> None:
-        code = (rec.get("error") or {}).get("code") if isinstance(rec.get("error"), dict) else None
+    def _on_error(self, n: int, rec: dict[str, Any]) -> None:
+        code = rec["error"].get("code") if isinstance(rec.get("error"), dict) else None
         key = record_key(rec)
         if key is None or code in _LINE_KEYED:
             if isinstance(rec.get("line"), int):
-                err_lines.add(str(rec["line"]))
+                self.err_lines.add(str(rec["line"]))
         else:
-            err_ids.add(key)
+            self.err_ids.add(key)
 
-    summary.truncated_bytes += scan_jsonl(cfg.output_path, on_output)
-    if cfg.retry_errors and cfg.errors_path.exists():
-        cfg.errors_path.write_bytes(b"")  # every earlier error line reruns and is written again if it fails
-    summary.truncated_bytes += scan_jsonl(cfg.errors_path, on_error)
+    def _load_resume_state(self) -> None:
+        cfg = self.cfg
+        self.summary.truncated_bytes += scan_jsonl(cfg.output_path, self._on_output)
+        if cfg.retry_errors and cfg.errors_path.exists():
+            cfg.errors_path.write_bytes(b"")  # every earlier error line reruns, and is written again if it fails
+        self.summary.truncated_bytes += scan_jsonl(cfg.errors_path, self._on_error)
 
-    builder = RequestBuilder(engine, cfg.sampling_defaults, cfg.chat_template, cfg.adapter_templates, cfg.base_names,
-                             cfg.seed)
-    out_f = JsonlAppender(cfg.output_path, cfg.fsync_interval_s)
-    err_f = JsonlAppender(cfg.errors_path, cfg.fsync_interval_s)
-    bar = _progress(cfg, count_lines(cfg.input_path) if cfg.progress else 0)
-    seen = IdTable()  # ids met in this pass over the input (duplicates)
-    inflight: dict[str, PendingLine] = {}
-    lines = iter_lines(cfg.input_path)
-    eof = False
+    # ---- per line ----------------------------------------------------------------------------------
+    def _resolve(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
 
-    def resolve(n: int = 1) -> None:
-        if bar is not None:
-            bar.update(n)
+    def _fail(self, line_no: int, key: str | None, id_value: Any, openai: bool, code: str, message: str) -> None:
+        self.err_f.write(error_record(line_no, key, id_value, openai, code, message))
+        self.summary.errors += 1
+        self._resolve()
 
-    def fail(line_no: int, key: str | None, id_value: Any, openai: bool, code: str, message: str) -> None:
-        err_f.write(error_record(line_no, key, id_value, openai, code, message))
-        summary.errors += 1
-        resolve()
+    def _skip(self) -> None:
+        self.summary.skipped += 1
+        self._resolve()
 
-    def read_one() -> None:
-        nonlocal eof
+    def _read_one(self) -> None:
+        """Read one input line: write its error record, skip it (resume), or hand it to the engine."""
         try:
-            line_no, _, raw = next(lines)
+            line_no, _, raw = next(self.lines)
         except StopIteration:
-            eof = True
-            if bar is not None:  # the total counted blank lines too
-                bar.total = summary.lines
-                bar.refresh()
+            self.eof = True
+            if self.bar is not None:  # the first total counted blank lines too
+                self.bar.total = self.summary.lines
+                self.bar.refresh()
             return
         if not raw.strip():
             return
-        summary.lines += 1
-        line_done = str(line_no) in err_lines
+        self.summary.lines += 1
+        # Errors of lines without a usable id are keyed by line number in the errors file.
+        line_done = str(line_no) in self.err_lines
         try:
             obj = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             if line_done:
-                summary.skipped += 1
-                resolve()
+                self._skip()
             else:
-                fail(line_no, None, None, False, "invalid_json", f"not valid JSON: {err}")
+                self._fail(line_no, None, None, False, "invalid_json", f"not valid JSON: {err}")
             return
         openai = isinstance(obj, dict) and is_openai(obj)
         try:
             key, id_value = line_key(line_no, obj)
         except LineFailure as err:
             if line_done:
-                summary.skipped += 1
-                resolve()
+                self._skip()
             else:
-                fail(line_no, None, None, openai, err.code, err.message)
+                self._fail(line_no, None, None, openai, err.code, err.message)
             return
-        if not seen.add(key, line_no):
+        if not self.seen.add(key, line_no):
             if line_done:
-                summary.skipped += 1
-                resolve()
+                self._skip()
             else:
-                fail(line_no, key, id_value, openai, "duplicate_id",
-                     f"id {key!r} already used on line {seen.get(key)}; ids must be unique")
+                self._fail(line_no, key, id_value, openai, "duplicate_id",
+                           f"id {key!r} already used on line {self.seen.get(key)}; ids must be unique")
             return
-        if key in done_ids or key in err_ids:
-            summary.skipped += 1
-            resolve()
+        if key in self.done_ids or key in self.err_ids:
+            self._skip()
             return
         try:
-            pending = builder.build(line_no, obj, key, id_value)
+            pending = self.builder.build(line_no, obj, key, id_value)
         except LineFailure as err:
-            fail(line_no, key, id_value, openai, err.code, err.message)
+            self._fail(line_no, key, id_value, openai, err.code, err.message)
             return
         try:
-            engine.add_request(pending.request)
-        except (ValueError, TypeError, LoraxError) as err:  # an engine that rejects at once, not via step()
-            fail(line_no, key, id_value, openai, classify_engine_error(str(err)), str(err))
+            self.engine.add_request(pending.request)
+        except (ValueError, TypeError, LoraxError) as err:  # an engine that refuses at once, not via step()
+            self._fail(line_no, key, id_value, openai, classify_engine_error(str(err)), str(err))
             return
-        inflight[pending.request.request_id] = pending
-        summary.max_in_flight_seen = max(summary.max_in_flight_seen, len(inflight))
+        self.inflight[pending.request.request_id] = pending
+        self.summary.max_in_flight_seen = max(self.summary.max_in_flight_seen, len(self.inflight))
 
-    try:
-        with _StopFlag() as stop:
-            while not stop.set:
-                while not eof and len(inflight) < cfg.max_in_flight and not stop.set:
-                    read_one()
-                if not inflight:
-                    if eof:
-                        break
-                    continue
-                finished = engine.step()
-                for out in finished:
-                    p = inflight.pop(out.request_id, None)
-                    if p is None:
-                        continue  # not ours (an engine shared with other callers)
-                    if out.error is not None:
-                        fail(p.line, p.key, p.id_value, p.kind != "simple", classify_engine_error(out.error), out.error)
+    def _collect(self, finished: list[RequestOutput]) -> None:
+        s = self.summary
+        for out in finished:
+            p = self.inflight.pop(out.request_id, None)
+            if p is None:
+                continue  # not ours (an engine shared with other callers)
+            if out.error is not None:
+                self._fail(p.line, p.key, p.id_value, p.kind != "simple", classify_engine_error(out.error), out.error)
+                continue
+            self.out_f.write(result_record(p, out, self.builder.tokenizer))
+            s.done += 1
+            s.prompt_tokens += len(out.prompt_token_ids)
+            s.completion_tokens += len(out.token_ids)
+            self._resolve()
+        if not finished and self.inflight and not self.engine.has_unfinished():
+            for p in self.inflight.values():  # the engine lost them: say so rather than spin forever
+                self._fail(p.line, p.key, p.id_value, p.kind != "simple", "request_failed",
+                           "the engine dropped this request without a result")
+            self.inflight.clear()
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def run(self) -> JobSummary:
+        cfg, s = self.cfg, self.summary
+        self._load_resume_state()
+        self.builder = RequestBuilder(self.engine, cfg.sampling_defaults, cfg.chat_template, cfg.adapter_templates,
+                                      cfg.base_names, cfg.seed)
+        self.out_f = JsonlAppender(cfg.output_path, cfg.fsync_interval_s)
+        self.err_f = JsonlAppender(cfg.errors_path, cfg.fsync_interval_s)
+        self.bar = _progress(cfg, count_lines(cfg.input_path) if cfg.progress else 0)
+        self.lines = iter_lines(cfg.input_path)
+        try:
+            with _StopFlag() as stop:
+                while not stop.set:
+                    while not self.eof and len(self.inflight) < cfg.max_in_flight and not stop.set:
+                        self._read_one()
+                    if not self.inflight:
+                        if self.eof:
+                            break
                         continue
-                    out_f.write(result_record(p, out, builder.tokenizer))
-                    summary.done += 1
-                    summary.prompt_tokens += len(out.prompt_token_ids)
-                    summary.completion_tokens += len(out.token_ids)
-                    resolve()
-                out_f.flush()
-                err_f.flush()
-                if not finished and inflight and not engine.has_unfinished():
-                    for p in inflight.values():  # the engine lost them: say so rather than spin
-                        fail(p.line, p.key, p.id_value, p.kind != "simple", "request_failed",
-                             "the engine dropped this request without a result")
-                    inflight.clear()
-                if bar is not None:
-                    el = max(time.monotonic() - t0, 1e-9)
-                    bar.set_postfix_str(f"{summary.completion_tokens / el:.0f} tok/s, {summary.errors} errors",
-                                        refresh=False)
-            summary.interrupted = stop.set
-    finally:
-        summary.unfinished = len(inflight)
-        out_f.close()
-        err_f.close()
-        if bar is not None:
-            bar.close()
-        summary.elapsed_s = time.monotonic() - t0
-    if cfg.ordered and not summary.interrupted:
-        rewrite_in_input_order(cfg.output_path, _input_keys(cfg.input_path))
-    return summary
+                    self._collect(self.engine.step())
+                    # Flushed after every step: a SIGKILL loses only what is still in the engine.
+                    self.out_f.flush()
+                    self.err_f.flush()
+                    if self.bar is not None:
+                        rate = s.completion_tokens / max(time.monotonic() - self.t0, 1e-9)
+                        self.bar.set_postfix_str(f"{rate:.0f} tok/s, {s.errors} errors", refresh=False)
+                s.interrupted = stop.set
+        finally:
+            s.unfinished = len(self.inflight)
+            self.out_f.close()
+            self.err_f.close()
+            if self.bar is not None:
+                self.bar.close()
+            s.elapsed_s = time.monotonic() - self.t0
+        if cfg.ordered and not s.interrupted:
+            rewrite_in_input_order(cfg.output_path, _input_keys(cfg.input_path))
+        return s
 
 
 def _input_keys(path: Path) -> Iterator[str]:
