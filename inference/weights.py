@@ -24,7 +24,7 @@ from safetensors import safe_open
 from lorax.errors import ConfigError
 from lorax.inference.config import ModelConfig
 
-Index = tuple[object, ...]  # an index into the destination parameter (ints and slices)
+Index = tuple[int | slice, ...]  # an index into the destination parameter
 
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")

@@ -86,7 +86,7 @@ class DecoderLM(nn.Module):
 
     def named_weights(self) -> dict[str, torch.Tensor]:
         """Every loadable tensor by name (lm_head appears once, under lm_head.weight, when untied)."""
-        out = {name: p for name, p in self.named_parameters() if name != "lm_head"}
+        out: dict[str, torch.Tensor] = {name: p for name, p in self.named_parameters() if name != "lm_head"}
         if self.lm_head is not None:
             out["lm_head.weight"] = self.lm_head
         return out

@@ -14,7 +14,7 @@ from lorax.errors import AdapterError, ConfigError
 from lorax.inference import LLM, GenerateRequest, SamplingParams
 
 from .lora_utils import random_adapter
-from .tiny_models import build_hf, hf_greedy, save
+from .tiny_models import ENGINE, build_hf, hf_greedy, save
 
 OK_PROMPT = [1, 2, 3]
 
@@ -33,7 +33,7 @@ BAD_REQUESTS = [
 
 def test_bad_requests_fail_alone(qwen3_moe: tuple) -> None:
     hf, path = qwen3_moe
-    llm = LLM(str(path), adapters={"a": random_adapter(hf, "a", rank=2)}, device="cpu", max_model_len=32)
+    llm = LLM(str(path), adapters={"a": random_adapter(hf, "a", rank=2)}, **ENGINE, max_model_len=32)
     good = GenerateRequest("good", prompt_token_ids=OK_PROMPT, sampling=SamplingParams(max_tokens=4, ignore_eos=True))
     reqs = [good] + [r for r, _ in BAD_REQUESTS] + [good]
     outs = llm.generate(reqs)
@@ -46,7 +46,7 @@ def test_bad_requests_fail_alone(qwen3_moe: tuple) -> None:
 
 
 def test_prompt_text_without_tokenizer_is_a_request_error(tmp_path: Path) -> None:
-    llm = LLM(str(save(build_hf("qwen3_moe_nonorm"), tmp_path / "m")), device="cpu", max_model_len=16)
+    llm = LLM(str(save(build_hf("qwen3_moe_nonorm"), tmp_path / "m")), **ENGINE, max_model_len=16)
     out = llm.generate([GenerateRequest("t", prompt="hello")])[0]
     assert out.error is not None and "tokenizer" in out.error
     with pytest.raises(ConfigError, match="tokenizer"):
@@ -56,14 +56,14 @@ def test_prompt_text_without_tokenizer_is_a_request_error(tmp_path: Path) -> Non
 def test_adapter_rank_above_max_lora_rank(qwen3_moe: tuple) -> None:
     hf, path = qwen3_moe
     with pytest.raises(AdapterError, match=r"rank 8 exceeds max_lora_rank=4"):
-        LLM(str(path), adapters={"big": random_adapter(hf, "big", rank=8)}, device="cpu", max_lora_rank=4)
+        LLM(str(path), adapters={"big": random_adapter(hf, "big", rank=8)}, **ENGINE, max_lora_rank=4)
 
 
 def test_adapter_for_another_model(qwen3_moe: tuple) -> None:
     _, path = qwen3_moe
     other = build_hf("mixtral")  # same hidden size, other expert / attention shapes
     with pytest.raises(AdapterError, match="another model|does not fit|has no module|not a MoE layer"):
-        LLM(str(path), adapters={"x": random_adapter(other, "x", rank=2)}, device="cpu")
+        LLM(str(path), adapters={"x": random_adapter(other, "x", rank=2)}, **ENGINE)
 
 
 def test_adapter_tensor_shape_mismatch_names_the_module(qwen3_moe: tuple) -> None:
@@ -72,7 +72,7 @@ def test_adapter_tensor_shape_mismatch_names_the_module(qwen3_moe: tuple) -> Non
     pair = ad.dense[(0, "self_attn.k_proj")]
     pair.B = torch.zeros(pair.B.shape[0] + 1, 2)
     with pytest.raises(AdapterError, match=r"layers\.0\.self_attn\.k_proj"):
-        LLM(str(path), adapters={"x": ad}, device="cpu")
+        LLM(str(path), adapters={"x": ad}, **ENGINE)
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_adapter_tensor_shape_mismatch_names_the_module(qwen3_moe: tuple) -> Non
 def test_bad_engine_options(options: dict, match: str, qwen3_moe: tuple) -> None:
     _, path = qwen3_moe
     with pytest.raises(ConfigError, match=match):
-        LLM(str(path), device="cpu", **options)
+        LLM(str(path), **{**ENGINE, **options})
 
 
 def _copy_model(src: Path, dst: Path) -> Path:
@@ -107,27 +107,27 @@ def test_checkpoint_errors_name_the_tensor(qwen3_moe: tuple, tmp_path: Path) -> 
     del tensors["model.layers.0.mlp.experts.3.up_proj.weight"]
     save_file(tensors, d / "model.safetensors")
     with pytest.raises(ConfigError, match=r"layers\.0\.mlp\.w13"):
-        LLM(str(d), device="cpu")
+        LLM(str(d), **ENGINE)
     # an unknown tensor
     d = _copy_model(path, tmp_path / "unknown")
     tensors = load_file(d / "model.safetensors")
     tensors["model.layers.0.mlp.mystery.weight"] = torch.zeros(2)
     save_file(tensors, d / "model.safetensors")
     with pytest.raises(ConfigError, match="mystery"):
-        LLM(str(d), device="cpu")
+        LLM(str(d), **ENGINE)
     # a shape that disagrees with config.json
     d = _copy_model(path, tmp_path / "shape")
     cfg = json.loads((d / "config.json").read_text())
     cfg["moe_intermediate_size"] = 8
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=r"experts\.\d\.\w+_proj\.weight' has shape"):
-        LLM(str(d), device="cpu")
+        LLM(str(d), **ENGINE)
 
 
 def test_unsupported_model_and_missing_dir(tmp_path: Path) -> None:
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ConfigError, match="gpt2"):
-        LLM(str(tmp_path / "gpt2"), device="cpu")
+        LLM(str(tmp_path / "gpt2"), **ENGINE)
     with pytest.raises(ConfigError, match="not a directory|not fetchable"):
-        LLM(str(tmp_path / "nowhere" / "x" / "y"), device="cpu")
+        LLM(str(tmp_path / "nowhere" / "x" / "y"), **ENGINE)

@@ -16,7 +16,7 @@ import torch
 from lorax.inference import LLM, GenerateRequest, SamplingParams
 
 from .lora_utils import merged, random_adapter
-from .tiny_models import build_hf, hf_greedy, hf_logits, save
+from .tiny_models import ENGINE, build_hf, hf_greedy, hf_logits, save
 
 PROMPTS = [[1, 2, 3, 4, 5, 6], [9, 8, 7]]
 NEW = 6
@@ -49,7 +49,7 @@ def test_mixed_adapter_batch_matches_merged_oracles(arch: str, tmp_path: Path) -
     hf = build_hf(arch)
     path = save(hf, tmp_path / arch)
     adapters = _adapters(hf)
-    llm = LLM(str(path), adapters=dict(adapters), device="cpu", max_model_len=64, max_loras=4, max_lora_rank=8)
+    llm = LLM(str(path), adapters=dict(adapters), **ENGINE, max_model_len=64, max_loras=4, max_lora_rank=8)
     names: list[str | None] = [None, *adapters]
     got = _run_mixed(llm, names)
     for name in names:
@@ -70,7 +70,7 @@ def test_more_adapters_than_slots(tmp_path: Path) -> None:
     hf = build_hf("qwen3_moe")
     path = save(hf, tmp_path / "m")
     adapters = _adapters(hf)
-    llm = LLM(str(path), adapters=dict(adapters), device="cpu", max_model_len=64, max_loras=1, max_lora_rank=8)
+    llm = LLM(str(path), adapters=dict(adapters), **ENGINE, max_model_len=64, max_loras=1, max_lora_rank=8)
     names: list[str | None] = [*adapters, None, "per_expert"]
     got = _run_mixed(llm, names)
     for name in set(names):
@@ -82,7 +82,7 @@ def test_more_adapters_than_slots(tmp_path: Path) -> None:
 
 def test_evicted_slot_is_zeroed_in_place(tmp_path: Path) -> None:
     hf = build_hf("qwen3_moe_nonorm")
-    llm = LLM(str(save(hf, tmp_path / "m")), adapters=_adapters(hf), device="cpu", max_model_len=32,
+    llm = LLM(str(save(hf, tmp_path / "m")), adapters=_adapters(hf), **ENGINE, max_model_len=32,
               max_loras=2, max_lora_rank=8)
     pool = llm.pool
     assert pool is not None
@@ -115,7 +115,7 @@ def test_peft_adapter_matches_peft_merge(tmp_path: Path) -> None:
     pm.save_pretrained(tmp_path / "adapter")
     oracle = pm.merge_and_unload().eval()
 
-    llm = LLM(str(path), adapters={"peft": str(tmp_path / "adapter")}, device="cpu", max_model_len=64,
+    llm = LLM(str(path), adapters={"peft": str(tmp_path / "adapter")}, **ENGINE, max_model_len=64,
               max_lora_rank=8)
     got = _run_mixed(llm, ["peft", None])
     for j, prompt in enumerate(PROMPTS):

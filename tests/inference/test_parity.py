@@ -13,7 +13,7 @@ import torch
 
 from lorax.inference import LLM, GenerateRequest, SamplingParams
 
-from .tiny_models import ARCHS, build_hf, hf_greedy, hf_logits, save
+from .tiny_models import ARCHS, ENGINE, build_hf, hf_greedy, hf_logits, save
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11] * 6, [42]]
 NEW_TOKENS = 8
@@ -31,7 +31,7 @@ def _greedy(max_tokens: int) -> SamplingParams:
 def test_engine_matches_transformers(arch: str, fused: bool, tmp_path: Path) -> None:
     hf = build_hf(arch)
     path = save(hf, tmp_path / arch, fused=fused)
-    llm = LLM(str(path), device="cpu", max_model_len=64, kernel_backend="torch")
+    llm = LLM(str(path), **ENGINE, max_model_len=64)
 
     for prompt in PROMPTS[:2]:
         ours = llm.prompt_logits(GenerateRequest("p", prompt_token_ids=prompt))
@@ -51,7 +51,7 @@ def test_sharded_checkpoint_loads_the_same(tmp_path: Path) -> None:
     hf = build_hf("qwen3_moe")
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    llm = LLM(str(tmp_path / "sharded"), device="cpu", max_model_len=64)
+    llm = LLM(str(tmp_path / "sharded"), **ENGINE, max_model_len=64)
     prompt = PROMPTS[0]
     out = llm.generate([GenerateRequest("a", prompt_token_ids=prompt, sampling=_greedy(6))])[0]
     assert out.token_ids == hf_greedy(hf, prompt, 6)
@@ -59,9 +59,9 @@ def test_sharded_checkpoint_loads_the_same(tmp_path: Path) -> None:
 
 def test_dummy_weights_are_random_and_seeded(tmp_path: Path) -> None:
     path = save(build_hf("qwen3_moe_nonorm"), tmp_path / "m")
-    a = LLM(str(path), device="cpu", load_format="dummy", seed=1, max_model_len=32)
-    b = LLM(str(path), device="cpu", load_format="dummy", seed=1, max_model_len=32)
-    c = LLM(str(path), device="cpu", load_format="dummy", seed=2, max_model_len=32)
+    a = LLM(str(path), **ENGINE, load_format="dummy", seed=1, max_model_len=32)
+    b = LLM(str(path), **ENGINE, load_format="dummy", seed=1, max_model_len=32)
+    c = LLM(str(path), **ENGINE, load_format="dummy", seed=2, max_model_len=32)
     wa, wb, wc = (m.model.named_weights() for m in (a, b, c))
     for name, t in wa.items():
         assert t.abs().sum() > 0, f"dummy {name} is all zeros"

@@ -10,7 +10,7 @@ import torch
 from lorax.inference import LLM, GenerateRequest, SamplingParams
 from lorax.inference.sampler import SamplingBatch, sample
 
-from .tiny_models import hf_greedy, hf_logits
+from .tiny_models import ENGINE, hf_greedy, hf_logits
 
 V = 8
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
@@ -85,11 +85,11 @@ def _gen(llm: LLM, prompts: list[list[int]], sp: SamplingParams) -> list[list[in
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(qwen3_moe: tuple) -> None:
     _, path = qwen3_moe
-    llm = LLM(str(path), device="cpu", max_model_len=64)
+    llm = LLM(str(path), **ENGINE, max_model_len=64)
     sp = SamplingParams(max_tokens=10, temperature=1.0, seed=1234, ignore_eos=True)
     alone = _gen(llm, [[5, 6, 7]], sp)[0]
     batched = _gen(llm, [[1, 2], [5, 6, 7], [9] * 9], sp)[1]
-    again = _gen(LLM(str(path), device="cpu", max_model_len=64), [[5, 6, 7]], sp)[0]
+    again = _gen(LLM(str(path), **ENGINE, max_model_len=64), [[5, 6, 7]], sp)[0]
     other = _gen(llm, [[5, 6, 7]], SamplingParams(max_tokens=10, temperature=1.0, seed=99, ignore_eos=True))[0]
     assert alone == batched == again
     assert alone != other
@@ -97,7 +97,7 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(qwen3_moe: tuple)
 
 def test_top_k_one_equals_greedy(qwen3_moe: tuple) -> None:
     hf, path = qwen3_moe
-    llm = LLM(str(path), device="cpu", max_model_len=64)
+    llm = LLM(str(path), **ENGINE, max_model_len=64)
     got = _gen(llm, [[3, 4, 5]], SamplingParams(max_tokens=8, temperature=0.8, top_k=1, ignore_eos=True))[0]
     assert got == hf_greedy(hf, [3, 4, 5], 8)
 
@@ -106,7 +106,7 @@ def test_max_tokens_eos_stop_ids_and_ignore_eos(qwen3_moe: tuple) -> None:
     hf, path = qwen3_moe
     prompt = [3, 4, 5]
     ref = hf_greedy(hf, prompt, 8)
-    llm = LLM(str(path), device="cpu", max_model_len=64)
+    llm = LLM(str(path), **ENGINE, max_model_len=64)
     out = llm.generate([GenerateRequest("a", prompt_token_ids=prompt, sampling=SamplingParams(max_tokens=3, ignore_eos=True))])[0]
     assert out.token_ids == ref[:3] and out.finish_reason == "length"
     # a stop token id ends generation at its first occurrence, and is part of the output
@@ -125,7 +125,7 @@ def test_max_tokens_eos_stop_ids_and_ignore_eos(qwen3_moe: tuple) -> None:
 
 def test_stop_strings_are_trimmed(qwen3_moe: tuple) -> None:
     hf, path = qwen3_moe
-    llm = LLM(str(path), device="cpu", max_model_len=64)
+    llm = LLM(str(path), **ENGINE, max_model_len=64)
     prompt = "abc"
     ids = llm.tokenizer.encode(prompt)
     ref = hf_greedy(hf, ids, 10)
@@ -143,7 +143,7 @@ def test_stop_strings_are_trimmed(qwen3_moe: tuple) -> None:
 
 def test_logprobs_match_transformers(qwen3_moe: tuple) -> None:
     hf, path = qwen3_moe
-    llm = LLM(str(path), device="cpu", max_model_len=64)
+    llm = LLM(str(path), **ENGINE, max_model_len=64)
     prompt = [7, 8, 9, 10]
     sp = SamplingParams(max_tokens=3, logprobs=2, ignore_eos=True)
     out = llm.generate([GenerateRequest("a", prompt_token_ids=prompt, sampling=sp)])[0]
@@ -160,7 +160,7 @@ def test_logprobs_match_transformers(qwen3_moe: tuple) -> None:
 def test_unseeded_requests_follow_the_engine_seed(qwen3_moe: tuple, tmp_path: Path) -> None:
     _, path = qwen3_moe
     sp = SamplingParams(max_tokens=8, temperature=1.0, ignore_eos=True)
-    a = _gen(LLM(str(path), device="cpu", max_model_len=64, seed=3), [[1, 2, 3]] * 2, sp)
-    b = _gen(LLM(str(path), device="cpu", max_model_len=64, seed=3), [[1, 2, 3]] * 2, sp)
+    a = _gen(LLM(str(path), **ENGINE, max_model_len=64, seed=3), [[1, 2, 3]] * 2, sp)
+    b = _gen(LLM(str(path), **ENGINE, max_model_len=64, seed=3), [[1, 2, 3]] * 2, sp)
     assert a == b
     assert a[0] != a[1]  # two requests draw different seeds

@@ -9,7 +9,7 @@ import torch
 from lorax.inference import LLM, GenerateRequest, SamplingParams
 from lorax.inference.kv_cache import DUMMY_BLOCK, BlockAllocator
 
-from .tiny_models import hf_greedy
+from .tiny_models import ENGINE, hf_greedy
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30] * 7, [40, 41]]
 NEW = 8
@@ -34,8 +34,8 @@ CONSTRAINED = {
 @pytest.mark.parametrize("name", list(CONSTRAINED))
 def test_constrained_engine_gives_the_same_tokens(name: str, qwen3_moe: tuple) -> None:
     hf, path = qwen3_moe
-    base = LLM(str(path), device="cpu", max_model_len=24)
-    llm = LLM(str(path), device="cpu", max_model_len=24, **CONSTRAINED[name])
+    base = LLM(str(path), **ENGINE, max_model_len=24)
+    llm = LLM(str(path), **ENGINE, max_model_len=24, **CONSTRAINED[name])
     for sp in (GREEDY, SEEDED):
         want = [o.token_ids for o in base.generate(_reqs(sp))]
         got = [o.token_ids for o in llm.generate(_reqs(sp))]
@@ -48,8 +48,8 @@ def test_constrained_engine_gives_the_same_tokens(name: str, qwen3_moe: tuple) -
 
 def test_chunked_prefill_logits_equal_unchunked(qwen3_moe: tuple) -> None:
     _, path = qwen3_moe
-    whole = LLM(str(path), device="cpu", max_model_len=32)
-    chunked = LLM(str(path), device="cpu", max_model_len=32, max_num_batched_tokens=3, block_size=2)
+    whole = LLM(str(path), **ENGINE, max_model_len=32)
+    chunked = LLM(str(path), **ENGINE, max_model_len=32, max_num_batched_tokens=3, block_size=2)
     req = GenerateRequest("x", prompt_token_ids=PROMPTS[0])
     a, b = whole.prompt_logits(req), chunked.prompt_logits(req)
     assert a.shape == b.shape == (len(PROMPTS[0]), 96)
@@ -58,14 +58,14 @@ def test_chunked_prefill_logits_equal_unchunked(qwen3_moe: tuple) -> None:
 
 def test_generation_stops_at_max_model_len(qwen3_moe: tuple) -> None:
     _, path = qwen3_moe
-    llm = LLM(str(path), device="cpu", max_model_len=16)
+    llm = LLM(str(path), **ENGINE, max_model_len=16)
     out = llm.generate([GenerateRequest("a", prompt_token_ids=PROMPTS[0], sampling=SamplingParams(max_tokens=50))])[0]
     assert len(out.token_ids) == 16 - len(PROMPTS[0]) and out.finish_reason == "length"
 
 
 def test_step_api_streams_finished_requests(qwen3_moe: tuple) -> None:
     _, path = qwen3_moe
-    llm = LLM(str(path), device="cpu", max_model_len=32)
+    llm = LLM(str(path), **ENGINE, max_model_len=32)
     for i, n in enumerate([2, 5]):
         llm.add_request(GenerateRequest(f"r{i}", prompt_token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=n, ignore_eos=True)))
     done: list[tuple[int, str]] = []

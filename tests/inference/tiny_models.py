@@ -6,12 +6,17 @@ default, so that logits differ clearly between tokens and greedy decoding is not
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 VOCAB = 96
+# The engine under test: CUDA when there is one (oracles stay on the CPU), fp32, and the torch kernel
+# backend unless LORAX_TEST_BACKEND=triton asks for the Triton kernels.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ENGINE = {"device": DEVICE, "dtype": "float32", "kernel_backend": os.environ.get("LORAX_TEST_BACKEND", "torch")}
 
 
 def _configs() -> dict[str, Any]:
