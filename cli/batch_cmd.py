@@ -56,6 +56,7 @@ def run_batch(
     engine_flags: dict[str, Any] | None = None,
     sampling_flags: dict[str, Any] | None = None,
     chat_template: str | None = None,
+    served_model_names: list[str] | None = None,
     ordered: bool | None = None,
     retry_errors: bool | None = None,
     quiet: bool = False,
@@ -74,7 +75,8 @@ def run_batch(
     else:
         rec = load_recipe(DEFAULT_RECIPE)
         _log(f"no --model or --recipe: using the built-in '{DEFAULT_RECIPE}' recipe ({rec.source})", quiet)
-    job_flags: dict[str, Any] = {"ordered": ordered, "retry_errors": retry_errors}
+    job_flags: dict[str, Any] = {"ordered": ordered, "retry_errors": retry_errors,
+                                 "served_model_names": served_model_names or None}
     if chat_template is not None:
         job_flags["chat_template"] = load_template_arg(chat_template)
     rec = rec.with_overrides(model=model, adapters=_parse_adapters(adapter), engine=engine_flags,
@@ -94,7 +96,8 @@ def run_batch(
 
     cfg = JobConfig(
         input_path=in_path, output_path=out_path, errors_path=err_path, sampling_defaults=dict(rec.sampling),
-        chat_template=template, adapter_templates=adapter_templates, base_names=tuple(n for n in (rec.model, rec.name) if n),
+        chat_template=template, adapter_templates=adapter_templates,
+        base_names=tuple(n for n in (rec.model, rec.name, *rec.job.get("served_model_names", ())) if n),
         ordered=bool(rec.job.get("ordered", False)), retry_errors=bool(rec.job.get("retry_errors", False)),
         fsync_interval_s=float(rec.job.get("fsync_interval_s", 5.0)), progress=not quiet,
         seed=int(rec.engine.get("seed", 0)),
@@ -141,6 +144,9 @@ def batch_run_command(
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Default max_tokens for lines without one."),
     temperature: float | None = typer.Option(None, "--temperature", help="Default temperature (0 = greedy)."),
     chat_template: str | None = typer.Option(None, "--chat-template", help="Chat template file or Jinja string."),
+    served_model_name: list[str] | None = typer.Option(
+        None, "--served-model-name", help="Another name of the base model in OpenAI lines' body.model (repeatable)."
+    ),
     ordered: bool | None = typer.Option(None, "--ordered/--no-ordered", help="Rewrite the output in input order at the end."),
     retry_errors: bool | None = typer.Option(None, "--retry-errors", help="Rerun lines that are in the errors file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
@@ -152,7 +158,7 @@ def batch_run_command(
                       "max_lora_rank": max_lora_rank, "max_num_seqs": max_num_seqs, "max_model_len": max_model_len,
                       "enforce_eager": enforce_eager, "load_format": load_format, "seed": seed},
         sampling_flags={"max_tokens": max_tokens, "temperature": temperature},
-        chat_template=chat_template, ordered=ordered, retry_errors=retry_errors, quiet=quiet,
+        chat_template=chat_template, served_model_names=served_model_name, ordered=ordered, retry_errors=retry_errors, quiet=quiet,
     )
     if code:
         raise typer.Exit(code)

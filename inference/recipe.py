@@ -68,6 +68,7 @@ JOB_SCHEMA: dict[str, _Spec] = {
     "chat_template": ((str,), None, None),  # file (relative to the recipe) or Jinja source
     "max_in_flight": ((int,), None, 1),  # lookahead window; default 4 x max_num_seqs
     "fsync_interval_s": ((float, int), None, 0.0),
+    "served_model_names": ((list,), None, None),  # extra names of the base model for OpenAI body.model
 }
 
 _TOP_KEYS = ("name", "description", "model", "adapters", "engine", "sampling", "job")
@@ -241,6 +242,8 @@ def _check_value(schema: dict[str, _Spec], key: Any, value: Any, section: str, s
         raise ConfigError(f"{src}: key 'engine.device' must be auto, cpu, cuda or cuda:N, got {value!r}")
     if key == "gpu_memory_utilization" and not 0 < value <= 1:
         raise ConfigError(f"{src}: key 'engine.gpu_memory_utilization' must be in (0, 1], got {value!r}")
+    if key == "served_model_names" and not all(isinstance(n, str) and n for n in value):
+        raise ConfigError(f"{src}: key '{section}.{key}' must be a list of non-empty strings")
     if key == "stop" and isinstance(value, list) and not all(isinstance(s, str) for s in value):
         raise ConfigError(f"{src}: key '{section}.{key}' must be a list of strings")
     if key == "stop_token_ids" and not all(isinstance(t, int) and not isinstance(t, bool) for t in value):

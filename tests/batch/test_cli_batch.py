@@ -164,3 +164,19 @@ def test_ctrl_c_stops_cleanly_with_exit_130(tmp_path: Path) -> None:
     assert proc.returncode == 0, stderr
     assert f"{n_first} skipped" in stderr
     _check_one_record_per_line(out, err, 300, 0)
+
+
+def test_served_model_name_lets_vllm_files_run_unchanged(tmp_path: Path, engine_calls: list[dict[str, Any]]) -> None:
+    line = {"custom_id": "request-1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "meta-llama/Meta-Llama-3-8B-Instruct", "messages": [{"role": "user", "content": "Hi"}],
+                     "max_completion_tokens": 100}}
+    inp = write_lines(tmp_path / "in.jsonl", [line])
+    common = ["batch-run", str(inp), "-o", str(tmp_path / "out.jsonl"), "--model", "/models/llama", "-q",
+              "--chat-template", "{{ messages[-1].content }}|"]
+    assert main(common) == 0
+    [err] = read_jsonl(tmp_path / "out.errors.jsonl")
+    assert err["error"]["code"] == "unknown_adapter" and "meta-llama/Meta-Llama-3-8B-Instruct" in err["error"]["message"]
+    assert main([*common, "--retry-errors", "--served-model-name", "meta-llama/Meta-Llama-3-8B-Instruct"]) == 0
+    assert read_jsonl(tmp_path / "out.errors.jsonl") == []
+    [rec] = read_jsonl(tmp_path / "out.jsonl")
+    assert rec["response"]["body"]["choices"][0]["message"]["content"] == "Hi"

@@ -20,8 +20,11 @@ from lorax.recipes import RECIPES_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = Path(RECIPES_DIR) / "demo" / "model"
-pytestmark = pytest.mark.skipif(not (DEMO_MODEL / "model.safetensors").exists(), reason="demo model not shipped yet")
 ADAPTERS = ["reverse", "upper", "rot13", "swapcase", None]
+_SHIPPED = (DEMO_MODEL / "model.safetensors").exists() and all(
+    (DEMO_MODEL.parent / "adapters" / a / "adapter_config.json").exists() for a in ADAPTERS if a
+)
+pytestmark = pytest.mark.skipif(not _SHIPPED, reason="demo model and adapters not shipped yet")
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
