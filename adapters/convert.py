@@ -10,6 +10,8 @@ canonical tensors (cast to the requested dtype), again one layer at a time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -34,16 +36,14 @@ def _cast_moe(m: MoELora, dtype: torch.dtype | None) -> MoELora:
 
 
 def _layer_items(opened: OpenedAdapter, layer: int, dtype: torch.dtype | None,
-                 hidden: int | None) -> tuple[dict[str, LoraPair], MoELora | None]:
+                 hidden: int | None) -> Iterator[tuple[str, LoraPair | MoELora]]:
+    """One layer's modules, one at a time: ("self_attn.q_proj", LoraPair) ..., then ("experts", MoELora)."""
     lp = opened.plan.layers[layer]
-    dense = {}
     for module, pair in sorted(lp.dense.items()):
         p = build_dense(opened.source, opened.plan, layer, module, pair, opened.settings)
-        dense[module] = LoraPair(_cast(p.A, dtype), _cast(p.B, dtype))
-    moe = None
+        yield module, LoraPair(_cast(p.A, dtype), _cast(p.B, dtype))
     if lp.moe_kinds:
-        moe = _cast_moe(build_moe(opened.source, opened.plan, layer, lp, opened.settings, hidden), dtype)
-    return dense, moe
+        yield "experts", _cast_moe(build_moe(opened.source, opened.plan, layer, lp, opened.settings, hidden), dtype)
 
 
 def convert_adapter(source: str, dest: str | Path, layout: str | None = None, *, dtype: str | None = None,
@@ -73,12 +73,11 @@ def convert_adapter(source: str, dest: str | Path, layout: str | None = None, *,
                            base_model=opened.config.get("base_model_name_or_path"))
     try:
         for layer in sorted(plan.layers):
-            dense, moe = _layer_items(opened, layer, torch_dtype, hidden)
-            for module, pair in dense.items():
-                writer.add_dense(layer, module, pair)
-            if moe is not None:
-                writer.add_moe(layer, moe)
-            del dense, moe  # one layer alive at a time
+            for module, item in _layer_items(opened, layer, torch_dtype, hidden):  # one module alive at a time
+                if isinstance(item, MoELora):
+                    writer.add_moe(layer, item)
+                else:
+                    writer.add_dense(layer, module, item)
         for key in plan.extra:
             writer.add_extra(key, _cast(read(opened.source, key), torch_dtype))
     except BaseException:
@@ -99,16 +98,18 @@ def verify_conversion(opened: OpenedAdapter, dest: Path, dtype: torch.dtype | No
         raise AdapterError(f"{dest}: layers {sorted(written.plan.layers)} != source {sorted(opened.plan.layers)}")
     h_src, h_out = hidden_hint(opened), hidden_hint(written)
     for layer in sorted(opened.plan.layers):
-        d0, m0 = _layer_items(opened, layer, dtype, h_src)
-        d1, m1 = _layer_items(written, layer, None, h_out)
-        if d0.keys() != d1.keys() or any(
-            not torch.equal(d0[k].A, d1[k].A) or not torch.equal(d0[k].B, d1[k].B) for k in d0
-        ):
-            raise AdapterError(f"{dest}: layer {layer}: dense LoRA tensors differ after conversion")
-        if (m0 is None) != (m1 is None):
-            raise AdapterError(f"{dest}: layer {layer}: expert LoRA lost or invented by the conversion")
-        if m0 is not None and m1 is not None and not _same_moe(m0, m1):
-            raise AdapterError(f"{dest}: layer {layer}: expert LoRA tensors differ after conversion")
+        ours = _layer_items(opened, layer, dtype, h_src)
+        theirs = _layer_items(written, layer, None, h_out)
+        for (name0, item0), (name1, item1) in zip_longest(ours, theirs, fillvalue=("<none>", None)):
+            if name0 != name1 or item0 is None or item1 is None:
+                raise AdapterError(f"{dest}: layer {layer}: {name0} in the source but {name1} in the output")
+            if isinstance(item0, MoELora) and isinstance(item1, MoELora):
+                same = _same_moe(item0, item1)
+            else:
+                same = isinstance(item0, LoraPair) and isinstance(item1, LoraPair) and torch.equal(
+                    item0.A, item1.A) and torch.equal(item0.B, item1.B)
+            if not same:
+                raise AdapterError(f"{dest}: layer {layer} {name0}: tensors differ after conversion")
 
 
 def _same_moe(a: MoELora, b: MoELora) -> bool:

@@ -14,12 +14,13 @@ converting is one storage, not the whole checkpoint. Every view is checked again
 
 from __future__ import annotations
 
+import io
 import pickletools
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -314,7 +315,7 @@ class TorchZipSource:
         info = self._member(ref.storage, key)
         raw = bytearray(info.file_size)  # the one storage this tensor needs, read straight into place
         with self._zip.open(info) as f:
-            if f.readinto(raw) != info.file_size:
+            if cast(io.BufferedIOBase, f).readinto(raw) != info.file_size:
                 raise AdapterError(f"{self.path}: tensor {key!r}: short read of storage {ref.storage.key!r}")
         flat = torch.frombuffer(raw, dtype=ref.storage.dtype) if raw else torch.empty(0, dtype=ref.storage.dtype)
         view = flat.as_strided(ref.size, ref.stride, ref.offset)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -183,8 +184,7 @@ class SafetensorsWriter:
             with os.fdopen(fd, "wb") as out, open(self._spill_path, "rb") as spill:
                 out.write(struct.pack("<Q", len(raw)))
                 out.write(raw)
-                while chunk := spill.read(1 << 24):
-                    out.write(chunk)
+                shutil.copyfileobj(spill, out, 1 << 20)  # small chunks: memory stays at one tensor
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, self.dest)
