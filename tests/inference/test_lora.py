@@ -125,3 +125,25 @@ def test_peft_adapter_matches_peft_merge(tmp_path: Path) -> None:
     ours = llm.prompt_logits(GenerateRequest("l", prompt_token_ids=PROMPTS[0], adapter="peft"))
     ref = hf_logits(oracle, PROMPTS[0])
     assert (ours - ref).abs().max().item() / ref.abs().max().item() < RTOL
+
+
+LAYOUT_OF = {"per_expert": "per-expert", "shared_outer": "shared-outer", "attn_only": "peft"}
+
+
+def test_adapters_from_disk_reloaded_past_max_cpu_loras(tmp_path: Path) -> None:
+    """Adapter directories in three on-disk layouts; one slot and one host copy: every switch re-reads
+    the adapter from disk, and every row still matches its merged oracle."""
+    from lorax.adapters import save_adapter
+
+    hf = build_hf("qwen3_moe")
+    path = save(hf, tmp_path / "m")
+    adapters = _adapters(hf)
+    sources = {n: str(save_adapter(a, tmp_path / n, LAYOUT_OF[n])) for n, a in adapters.items()}
+    llm = LLM(str(path), adapters=sources, **ENGINE, max_model_len=64, max_loras=1, max_cpu_loras=1,
+              max_lora_rank=8)
+    got = _run_mixed(llm, [*adapters, None])
+    for name in [*adapters, None]:
+        oracle = hf if name is None else merged(hf, adapters[name])
+        for j, prompt in enumerate(PROMPTS):
+            assert got[(name, j)] == hf_greedy(oracle, prompt, NEW), f"adapter {name} prompt {j}"
+    assert llm.pool is not None and len(llm.pool._host) == 1
