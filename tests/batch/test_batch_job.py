@@ -289,7 +289,7 @@ def test_100k_lines_with_flat_memory(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     fig = json.loads(res.stdout)
     print(f"100k lines: job peak RSS +{fig['job_mb']:.1f} MB, whole-file load +{fig['load_mb']:.1f} MB")
-    assert fig["done"] == 100_000 and fig["errors"] == 0
+    assert fig["done"] == 100_000 and fig["errors"] == 0 and fig["correct"] == 100_000
     assert fig["max_in_flight"] == 1024  # the lookahead window, never the file
     # The id tables cost ~16-64 bytes per id (~6 MB here); a reader that holds the file costs ~10x that.
     assert fig["job_mb"] < 0.5 * fig["load_mb"], fig
