@@ -19,7 +19,7 @@ import torch
 from lorax.adapters.canonical import LoraPair, MoELora
 from lorax.adapters.layers import build_dense, build_moe, read
 from lorax.adapters.layouts import LAYOUTS, WEIGHTS_FILE, AdapterWriter
-from lorax.adapters.peft_io import OpenedAdapter, hidden_hint, open_adapter
+from lorax.adapters.peft_io import OpenedAdapter, expert_naming, hidden_hint, open_adapter
 from lorax.errors import AdapterError, UsageError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,7 +69,7 @@ def convert_adapter(source: str, dest: str | Path, layout: str | None = None, *,
         raise UsageError(f"{out_file} exists (pass --force to replace it)")
     layout = layout or DEFAULT_LAYOUT[plan.moe_format]
     hidden = hidden_hint(opened)
-    writer = AdapterWriter(dest, layout, key_prefix=plan.prefix, expert_naming=plan.expert_naming,
+    writer = AdapterWriter(dest, layout, key_prefix=plan.prefix, expert_naming=expert_naming(opened),
                            base_model=opened.config.get("base_model_name_or_path"))
     try:
         for layer in sorted(plan.layers):

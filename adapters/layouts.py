@@ -61,7 +61,8 @@ class AdapterWriter:
             raise AdapterError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
         self.dest = Path(dest)
         self.layout = layout
-        self.prefix = key_prefix
+        # PEFT only loads keys under base_model.model.; other prefixes (bare "model.layers.") gain it.
+        self.prefix = key_prefix if key_prefix.startswith("base_model.model.") else f"base_model.model.{key_prefix}"
         self.naming = expert_naming
         self.base_model = base_model
         self._out = SafetensorsWriter(self.dest / WEIGHTS_FILE)

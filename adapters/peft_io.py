@@ -168,10 +168,22 @@ def new_canonical(opened: OpenedAdapter, name: str) -> CanonicalAdapter:
         rank_pattern=dict(s.rank_pattern),
         alpha_pattern=dict(s.alpha_pattern),
         source_config=opened.config,
-        expert_naming=opened.plan.expert_naming if opened.plan.expert_naming == "mixtral"
-        else str(opened.config.get("lorax_expert_naming", "qwen")),
+        expert_naming=expert_naming(opened),
         key_prefix=opened.plan.prefix,
     )
+
+
+def expert_naming(opened: OpenedAdapter) -> str:
+    """How per-expert keys should be spelled for this adapter's model: "mixtral" (w1/w3/w2 under
+    block_sparse_moe) or "qwen". Key names decide; a fused or dense file falls back to the config
+    (our own ``lorax_expert_naming``, else PEFT's ``auto_mapping.base_model_class``)."""
+    if opened.plan.expert_naming == "mixtral":
+        return "mixtral"
+    if "lorax_expert_naming" in opened.config:
+        return str(opened.config["lorax_expert_naming"])
+    auto = opened.config.get("auto_mapping") or {}
+    cls = str(auto.get("base_model_class", "")) if isinstance(auto, dict) else ""
+    return "mixtral" if cls.startswith("Mixtral") else "qwen"
 
 
 def _default_name(source: str) -> str:

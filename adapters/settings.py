@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorax.errors import AdapterError
+from lorax.errors import AdapterError, UsageError
 
 B_PACKINGS = ("rank-major", "expert-major")
 
@@ -51,9 +51,11 @@ class LoraSettings:
             raise AdapterError(f"{where}: needs an integer 'r' (and a numeric 'lora_alpha')") from None
         if r <= 0:
             raise AdapterError(f"{where}: r must be positive, got {r}")
+        if b_packing is not None and b_packing not in B_PACKINGS:
+            raise UsageError(f"--b-packing must be one of {', '.join(B_PACKINGS)}, got {b_packing!r}")
         packing = b_packing or config.get("lorax_b_packing") or "rank-major"
         if packing not in B_PACKINGS:
-            raise AdapterError(f"b_packing must be one of {B_PACKINGS}, got {packing!r}")
+            raise AdapterError(f"{where}: lorax_b_packing must be one of {B_PACKINGS}, got {packing!r}")
         tp = config.get("target_parameters") or ()
         return cls(
             r=r,

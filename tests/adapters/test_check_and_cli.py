@@ -172,6 +172,7 @@ def test_convert_usage_and_refusals(qwen3_fused: Path, tmp_path: Path, capsys: p
     assert run(["convert", str(qwen3_fused), str(tmp_path / "x"), "--to", "bogus"], capsys)[0] == 2
     assert run(["convert", str(qwen3_fused), str(tmp_path / "x"), "--dtype", "int8"], capsys)[0] == 2
     assert run(["convert", str(qwen3_fused), str(qwen3_fused)], capsys)[0] == 2
+    assert run(["inspect", str(qwen3_fused), "--b-packing", "sideways"], capsys)[0] == 2
     # per-expert outer factors differ across experts: shared-outer would need an average -> error, no output
     code, _, err = run(["convert", str(qwen3_fused), str(tmp_path / "so"), "--to", "shared-outer"], capsys)
     assert code == 1 and "differs across experts" in err

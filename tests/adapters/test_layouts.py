@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from adapter_builders import INTER, E, H, assert_same_tensors, random_canonical
+from adapter_builders import INTER, E, H, assert_same_tensors, random_canonical, write_adapter
 
 from lorax.adapters import LAYOUTS, load_adapter, save_adapter
 from lorax.adapters.tensor_io import SafetensorsSource
@@ -81,3 +84,46 @@ def test_shared_outer_is_stored_once(tmp_path: Path) -> None:
     assert src.shape(f"{p}.w2.lora_B.weight") == (1, H, 4)
     back = load_adapter(str(tmp_path))
     assert back.moe[1].shared_gate_up_A and back.moe[1].shared_down_B
+
+
+@pytest.mark.parametrize("how", ["argument", "config"])
+def test_expert_major_b_packing(how: str, tmp_path: Path) -> None:
+    """Trainers that pack fused B block-wise (column e*r + j) need the override; the file cannot tell."""
+    ad = random_canonical("fused", r=3)
+    save_adapter(ad, tmp_path / "rank_major", "fused")
+    src = SafetensorsSource(tmp_path / "rank_major" / "adapter_model.safetensors")
+    tensors = {k: src.get(k) for k in src.names()}
+    for key, b in tensors.items():
+        if ".mlp.experts." in key and key.endswith("lora_B.weight"):  # [out, r*E] j*E+e -> e*r+j
+            out = b.shape[0]
+            tensors[key] = b.reshape(out, 3, E).permute(0, 2, 1).reshape(out, E * 3).contiguous()
+    cfg = json.loads((tmp_path / "rank_major" / "adapter_config.json").read_text())
+    if how == "config":
+        cfg["lorax_b_packing"] = "expert-major"
+    write_adapter(tmp_path / "em", tensors, cfg)
+    packing = "expert-major" if how == "argument" else None
+    assert_same_tensors(ad, load_adapter(str(tmp_path / "em"), b_packing=packing))
+    if how == "argument":  # read the PEFT way, the same bytes mean a different adapter
+        wrong = load_adapter(str(tmp_path / "em"))
+        assert not torch.equal(wrong.moe[0].gate_up_B, ad.moe[0].gate_up_B)
+
+
+def test_hub_repo_id_from_offline_cache(tmp_path: Path) -> None:
+    """`org/name` resolves through huggingface_hub's cache with HF_HUB_OFFLINE=1 (no network)."""
+    ad = random_canonical("per-expert")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someorg--tiny-adapter"
+    save_adapter(ad, repo / "snapshots" / commit, "per-expert")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = ("import sys, json; from lorax.adapters.inspect import inspect_adapter; "
+            "print(json.dumps(inspect_adapter(sys.argv[1])))")
+    proc = subprocess.run([sys.executable, "-c", code, "someorg/tiny-adapter"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["moe_format"] == "per-expert" and info["usable"] and commit in info["weights"]
+    proc = subprocess.run([sys.executable, "-c", code, "someorg/absent"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "someorg/absent: could not fetch" in proc.stderr

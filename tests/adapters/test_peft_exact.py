@@ -16,7 +16,7 @@ import pytest
 import torch
 from adapter_builders import INTER, LAYERS, E, H, per_expert_tensors, tiny_model, write_adapter
 
-from lorax.adapters import CanonicalAdapter, load_adapter
+from lorax.adapters import CanonicalAdapter, load_adapter, save_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -121,3 +121,17 @@ def test_legacy_per_expert_equals_peft_conversion(family: str, names: tuple[str,
     pm = peft.PeftModel.from_pretrained(model, str(tmp_path))
     check(base_state, pm, ad, gate_up_factor=math.sqrt(2) if use_rslora else 1.0)
     assert sorted(ad.moe) == list(range(LAYERS))
+
+
+@pytest.mark.parametrize("layout", ["peft", "fused"])
+@pytest.mark.parametrize("case", ["qwen3moe-patterns", "qwen3moe-rslora", "mixtral-fused"])
+def test_written_adapter_loads_in_peft(case: str, layout: str, tmp_path: Path) -> None:
+    """lorax's output (alpha == r, scaling folded into B) is a PEFT adapter with the same merge."""
+    family, kwargs = CASES[case]
+    pm = peft.get_peft_model(tiny_model(family), peft.LoraConfig(init_lora_weights=False, **kwargs))
+    pm.save_pretrained(tmp_path / "src")
+    ad = load_adapter(str(tmp_path / "src"))
+    save_adapter(ad, tmp_path / "out", layout)
+    model = tiny_model(family)
+    base_state = copy.deepcopy(model.state_dict())
+    check(base_state, peft.PeftModel.from_pretrained(model, str(tmp_path / "out")), ad)
