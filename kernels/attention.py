@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lorax.kernels.lora_sgemm import tuned_config
+
 
 def store_kv_ref(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -438,7 +440,8 @@ def paged_attention(
     out: [T, n_h, D] output buffer; rows outside every sequence are not written (a fresh output is
         zero-filled, so they read 0 as in the reference).
     workspace: fp32 buffer of >= decode_workspace_size(B, n_h, D, splits) elements for split decode.
-    config: block sizes overriding the defaults (BLOCK_M, BLOCK_N, num_warps, num_stages).
+    config: block sizes overriding the defaults (BLOCK_M, BLOCK_N, num_warps, num_stages); without it,
+        a measured entry of kernels/configs/attention.json for this GPU and head shape is used.
     """
     _check_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
     T, n_h, D = q.shape
@@ -460,8 +463,9 @@ def paged_attention(
     )
     if max_query_len != 1:
         bound = T if max_query_len is None else min(int(max_query_len), T)
+        tuned = tuned_config("attention.json", q.device, f"prefill_D{D}_G{group}", bound) if config is None else {}
         cfg = {"BLOCK_M": 16 if bound <= 16 or cast else 64, "BLOCK_N": 16 if cast else 64,
-               "num_warps": 4, "num_stages": 1 if cast else 3, **(config or {})}
+               "num_warps": 4, "num_stages": 1 if cast else 3, **tuned, **(config or {})}
         block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
         _prefill_kernel[(B, n_h, triton.cdiv(bound, block_m))](
             q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc,
@@ -473,7 +477,8 @@ def paged_attention(
         )
         return out
 
-    cfg = {"BLOCK_N": 16 if cast else 64, "num_warps": 4, "num_stages": 1 if cast else 3, **(config or {})}
+    tuned = tuned_config("attention.json", q.device, f"decode_D{D}_G{group}", B) if config is None else {}
+    cfg = {"BLOCK_N": 16 if cast else 64, "num_warps": 4, "num_stages": 1 if cast else 3, **tuned, **(config or {})}
     block_n = cfg["BLOCK_N"]
     ctx_bound = max_context_len if max_context_len is not None else block_tables.shape[1] * bs
     ctx_bound = max(1, int(ctx_bound))

@@ -29,6 +29,7 @@ Two schedules (picked by the launcher from the host token count, or forced with 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import NamedTuple
 
@@ -275,6 +276,32 @@ def _tile_table(slice_offsets: tuple[int, ...], block_n: int, device: str) -> to
     return torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1, 3)
 
 
+@functools.lru_cache(maxsize=16)
+def _config_file(name: str) -> dict:
+    path = os.path.join(os.path.dirname(__file__), "configs", name)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def tuned_config(file: str, device: torch.device, shape_key: str, n: int) -> dict:
+    """Measured block config from kernels/configs/<file>: {device name: {shape key: {bucket: cfg}}},
+    the smallest bucket >= n (else the largest). Empty on the CPU / interpreter or when not measured."""
+    if device.type != "cuda" or _interpreting():
+        return {}
+    by_bucket = _config_file(file).get(_device_name(device), {}).get(shape_key)
+    if not by_bucket:
+        return {}
+    buckets = sorted(int(b) for b in by_bucket)
+    return dict(by_bucket[str(next((b for b in buckets if b >= n), buckets[-1]))])
+
+
 def lora_config(T: int, out_total: int, mode: str) -> dict[str, int]:
     """Block sizes by token count. The fused schedule walks K once per output tile, so it takes long
     K steps (few loop trips at decode); the split expand has K = R and wants wide output tiles."""
@@ -329,7 +356,9 @@ def lora_linear(
     batch: the step's `build_lora_batch(token_slot, S)` (built here when None).
     scratch: fp32 buffer with >= T * n_slices * R elements for the split schedule (allocated when None).
     mode: "auto" | "fused" | "split".
-    config: block sizes overriding `lora_config` (keys BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+    config: block sizes overriding `lora_config` (keys BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages);
+        without it, a measured entry of kernels/configs/lora_sgemm.json for this GPU and shape (which may
+        also pick the schedule under mode="auto") overrides the defaults.
     """
     slice_offsets = tuple(int(o) for o in slice_offsets)
     _check(x, y, A, B, slice_offsets, token_slot)
@@ -345,12 +374,14 @@ def lora_linear(
                          f"layer has {S} slots / {T} tokens")
     if slot_rank is not None and (slot_rank.shape != (S,) or slot_rank.dtype != torch.int32):
         raise ValueError(f"lora_linear: slot_rank must be [S={S}] int32")
+    tuned = {} if config is not None else tuned_config("lora_sgemm.json", x.device, f"K{K}_N{slice_offsets[-1]}_R{R}", T)
     if mode == "auto":
-        mode = "fused" if T <= FUSED_MAX_TOKENS else "split"
+        mode = tuned.pop("mode", "fused" if T <= FUSED_MAX_TOKENS else "split")
+    tuned.pop("mode", None)
     if mode not in ("fused", "split"):
         raise ValueError(f"lora_linear: unknown mode {mode!r}")
 
-    cfg = {**lora_config(T, slice_offsets[-1], mode), **(config or {})}
+    cfg = {**lora_config(T, slice_offsets[-1], mode), **tuned, **(config or {})}
     if _interpreting():
         cfg["num_stages"] = 1
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
