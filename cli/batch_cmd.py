@@ -138,6 +138,11 @@ def batch_run_command(
     max_lora_rank: int | None = typer.Option(None, "--max-lora-rank", help="Largest adapter rank."),
     max_num_seqs: int | None = typer.Option(None, "--max-num-seqs", help="Sequences per engine step."),
     max_model_len: int | None = typer.Option(None, "--max-model-len", help="Prompt + output token limit."),
+    max_num_batched_tokens: int | None = typer.Option(None, "--max-num-batched-tokens", help="Tokens per step."),
+    max_cpu_loras: int | None = typer.Option(None, "--max-cpu-loras", help="Adapters kept in host memory."),
+    gpu_memory_utilization: float | None = typer.Option(
+        None, "--gpu-memory-utilization", help="Fraction of GPU memory for weights, adapters and KV cache."
+    ),
     enforce_eager: bool | None = typer.Option(None, "--enforce-eager/--no-enforce-eager", help="No CUDA graphs."),
     load_format: str | None = typer.Option(None, "--load-format", help="auto | safetensors | dummy"),
     seed: int | None = typer.Option(None, "--seed", help="Engine seed."),
@@ -156,7 +161,9 @@ def batch_run_command(
         input_path, output=output, errors=errors, recipe=recipe, model=model, adapter=adapter,
         engine_flags={"device": device, "dtype": dtype, "kernel_backend": kernel_backend, "max_loras": max_loras,
                       "max_lora_rank": max_lora_rank, "max_num_seqs": max_num_seqs, "max_model_len": max_model_len,
-                      "enforce_eager": enforce_eager, "load_format": load_format, "seed": seed},
+                      "enforce_eager": enforce_eager, "load_format": load_format, "seed": seed,
+                      "max_num_batched_tokens": max_num_batched_tokens, "max_cpu_loras": max_cpu_loras,
+                      "gpu_memory_utilization": gpu_memory_utilization},
         sampling_flags={"max_tokens": max_tokens, "temperature": temperature},
         chat_template=chat_template, served_model_names=served_model_name, ordered=ordered, retry_errors=retry_errors, quiet=quiet,
     )

@@ -47,12 +47,14 @@ def test_flags_override_the_recipe(tmp_path: Path, engine_calls: list[dict[str, 
     out = tmp_path / "o" / "out.jsonl"
     rc = main(["batch-run", str(inp), "-o", str(out), "--recipe", str(recipe), "--adapter", "upper=/u",
                "--adapter", "rot13=/r", "--adapter", "swapcase=/s", "--max-num-seqs", "3", "--max-tokens", "2",
-               "--seed", "5"])
+               "--seed", "5", "--max-num-batched-tokens", "512", "--gpu-memory-utilization", "0.5"])
     assert rc == 0
     [call] = engine_calls
     assert call["model"] == str(tmp_path / "m")
     assert call["adapters"] == {"reverse": str(tmp_path / "a"), "upper": "/u", "rot13": "/r", "swapcase": "/s"}
     assert (call["max_num_seqs"], call["dtype"], call["seed"]) == (3, "float32", 5)
+    assert (call["max_num_batched_tokens"], call["gpu_memory_utilization"]) == (512, 0.5)
+    assert "max_loras" not in call  # flags not given are not passed: the engine's defaults apply
     recs = read_jsonl(out)
     assert len(recs) == 10 and all(r["finish_reason"] == "length" and len(r["token_ids"]) == 2 for r in recs)
     assert (tmp_path / "o" / "out.errors.jsonl").exists()
