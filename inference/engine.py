@@ -136,6 +136,8 @@ class LLM:
                 max_cpu_loras=cfg.max_cpu_loras,
             )
 
+        # Graph buffers are allocated before the KV cache is sized (they are part of what is not left).
+        graphs = self._graph_runner(max_len) if self._use_graphs() else None
         num_blocks = plan_num_blocks(mcfg, cfg, max_len, self.dtype, self.device)
         capacity = (num_blocks - 1) * cfg.block_size
         if capacity < max_len:
@@ -154,9 +156,25 @@ class LLM:
             self.kv_cache.allocator, self.pool, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens
         )
         self.runner = ModelRunner(self.model, cfg.block_size, self.device, self.ops, self.pool)
+        if graphs is not None:
+            graphs.capture()
+            self.runner.graphs = graphs
         self._rng = random.Random(cfg.seed)
         self._next_index = 0
         self._early: list[RequestOutput] = []  # requests refused at add time, returned by the next step()
+
+    def _use_graphs(self) -> bool:
+        # The torch references synchronise with the host, so only the Triton backend can be captured.
+        return self.device.type == "cuda" and not self.config.enforce_eager and self.ops.name == "triton"
+
+    def _graph_runner(self, max_len: int) -> Any:
+        try:
+            from lorax.inference.graph import GraphRunner
+        except ImportError:
+            log.warning("CUDA graphs unavailable in this build; running decode eagerly")
+            return None
+        has_lora = self.pool is not None and self.pool.has_slabs
+        return GraphRunner(self.model, self.config.max_num_seqs, max_len, self.config.block_size, has_lora, self.device)
 
     # ---- properties of the public API -----------------------------------------------------------
     @property

@@ -8,6 +8,7 @@ The forward itself never syncs with the host; the one sync per step is copying t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -30,6 +31,14 @@ class StepResult:
     top_logprobs: list[list[float]] | None = None
 
 
+class DecodeGraphs(Protocol):
+    """What the runner needs from a CUDA-graph runner (inference/graph.py GraphRunner)."""
+
+    def can_run(self, batch: ScheduledBatch) -> bool: ...
+
+    def forward_logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]: ...
+
+
 class ModelRunner:
     def __init__(
         self, model: DecoderLM, block_size: int, device: torch.device, ops: KernelOps, pool: LoraPool | None
@@ -40,6 +49,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.pin = device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None  # set by the engine once decode graphs are captured
 
     def _tensor(self, values: list[int] | list[float] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(values, dtype=dtype, pin_memory=self.pin)
@@ -112,7 +122,9 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, batch: ScheduledBatch, all_rows: bool = False) -> tuple[torch.Tensor, list[Sequence]]:
         """Run the model; -> fp32 logits [N, V] of the rows to sample (every row with all_rows), and the
-        sequences those rows sample for."""
+        sequences those rows sample for. Decode steps replay a CUDA graph when one fits the batch."""
+        if not all_rows and self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.forward_logits(batch)
         input_ids, ctx, sampled = self.prepare(batch)
         with forward_context(ctx):
             hidden = self.model(input_ids)
