@@ -156,7 +156,12 @@ def batch_run_command(
     retry_errors: bool | None = typer.Option(None, "--retry-errors", help="Rerun lines that are in the errors file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary."),
 ) -> None:
-    """Generate for every line of a JSONL file, each line naming its adapter; resumable."""
+    """Generate for every line of a JSONL file, each line naming its adapter; resumable.
+
+    Lines are either {"id", "prompt" | "prompt_token_ids" | "messages", "adapter", "max_tokens", ...} or OpenAI batch requests {"custom_id", "method": "POST", "url": "/v1/completions" | "/v1/chat/completions", "body": {"model": ADAPTER-or-base, ...}}, mixed freely.
+
+    Each line ends in exactly one of OUTPUT and the errors file; running the same command again resumes.
+    """
     code = run_batch(
         input_path, output=output, errors=errors, recipe=recipe, model=model, adapter=adapter,
         engine_flags={"device": device, "dtype": dtype, "kernel_backend": kernel_backend, "max_loras": max_loras,
