@@ -14,7 +14,7 @@ from lorax.adapters.formats import MIXTRAL_NAMES, QWEN_NAMES, AdapterPlan, Layer
 from lorax.adapters.layers import fused_roles
 from lorax.adapters.model_config import check_against_config, read_model_config
 from lorax.adapters.peft_io import OpenedAdapter, build_canonical, hidden_hint, open_adapter
-from lorax.errors import LoraxError
+from lorax.errors import LoraxError, UsageError
 
 
 def _module_names(opened: OpenedAdapter, lp: LayerPlan) -> set[str]:
@@ -40,7 +40,12 @@ def _extra_names(plan: AdapterPlan) -> set[str]:
 def inspect_adapter(source: str, base: str | None = None, *, revision: str | None = None,
                     b_packing: str | None = None) -> dict[str, Any]:
     """The `lorax inspect --json` object (see docs in the CLI command)."""
-    opened = open_adapter(source, revision=revision, b_packing=b_packing)
+    try:
+        opened = open_adapter(source, revision=revision, b_packing=b_packing)
+    except UsageError:
+        raise
+    except LoraxError as err:  # unreadable file or config: still one object with the same keys
+        return _unreadable(source, str(err))
     plan, src, s = opened.plan, opened.source, opened.settings
     errors, warnings = list(plan.errors), list(plan.warnings)
     keys = src.names()
@@ -107,6 +112,17 @@ def inspect_adapter(source: str, base: str | None = None, *, revision: str | Non
     return out
 
 
+REPORT_KEYS = ("weights", "moe_format", "rank", "alpha", "use_rslora", "scaling", "b_packing", "dtype",
+               "num_params", "num_bytes", "num_tensors", "num_experts", "max_rank", "base_model")
+
+
+def _unreadable(source: str, error: str) -> dict[str, Any]:
+    out: dict[str, Any] = dict.fromkeys(REPORT_KEYS)
+    out.update(source=source, target_modules=[], layers=[], rank_pattern={}, alpha_pattern={}, unsupported=[],
+               errors=[error], warnings=[], usable=False)
+    return out
+
+
 def _namer(plan: AdapterPlan) -> Any:
     """Name the first on-disk tensor of (layer, module) in check messages."""
 
@@ -130,6 +146,8 @@ def _itemsize(dtype: Any) -> int:
 
 def format_report(info: dict[str, Any]) -> str:
     """Human-readable lines for `lorax inspect` without --json."""
+    if info["moe_format"] is None:  # could not be read at all
+        return "\n".join([f"adapter      {info['source']}", *(f"error: {e}" for e in info["errors"]), "NOT usable"])
     scaling = f"{info['scaling']:.6g}" + (" (alpha/sqrt(r), rsLoRA)" if info["use_rslora"] else " (alpha/r)")
     layers = info["layers"]
     span = f"{len(layers)} ({layers[0]}..{layers[-1]})" if layers else "0"

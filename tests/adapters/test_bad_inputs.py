@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -121,12 +122,12 @@ def test_refused_with_a_named_reason(case: str, tmp_path: Path) -> None:
     build(tmp_path)
     with pytest.raises(AdapterError, match=message):
         load_adapter(str(tmp_path))
-    # inspect reports the same problem as an error instead of raising, where the files can be opened
-    if case not in ("truncated safetensors", "header lies about sizes", "missing config", "DoRA config",
-                    "not LoRA"):
-        info = inspect_adapter(str(tmp_path))
-        assert not info["usable"]
-        assert any(__import__("re").search(message, e) for e in info["errors"]), info["errors"]
+    # inspect reports the same problem as an error (same keys as a good report) instead of raising
+    info = inspect_adapter(str(tmp_path))
+    assert not info["usable"]
+    assert any(re.search(message, e) for e in info["errors"]), info["errors"]
+    assert {"moe_format", "target_modules", "rank", "alpha", "use_rslora", "scaling", "layers", "num_params",
+            "errors", "warnings"} <= set(info)
 
 
 def test_missing_source(tmp_path: Path) -> None:

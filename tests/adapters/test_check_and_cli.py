@@ -143,8 +143,10 @@ def test_inspect_text_and_exit_codes(qwen3_fused: Path, tmp_path: Path, capsys: 
     code, out, _ = run(["inspect", str(qwen3_fused)], capsys)
     assert code == 0 and "layout       fused" in out and "scaling      2 (alpha/r)" in out
     assert run(["inspect"], capsys)[0] == 2  # missing argument: usage error
-    code, _, err = run(["inspect", str(tmp_path / "nope")], capsys)
-    assert code == 1 and err.startswith("error: ") and "no such adapter" in err
+    code, out, _ = run(["inspect", str(tmp_path / "nope")], capsys)
+    assert code == 1 and "error: " in out and "no such adapter" in out and "NOT usable" in out
+    code, out, _ = run(["inspect", str(tmp_path / "nope"), "--json"], capsys)
+    assert code == 1 and "no such adapter" in json.loads(out)["errors"][0]
     write_adapter(tmp_path / "bad", {"base_model.model.model.layers.0.self_attn.zz.lora_A.weight": torch.ones(2, 2),
                                      "base_model.model.model.layers.0.self_attn.zz.lora_B.weight": torch.ones(2, 2)},
                   {"r": 2})
