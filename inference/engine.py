@@ -102,12 +102,12 @@ class LLM:
             self._tokenizer = Tokenizer.from_dir(self.model_dir)
         self.eos_token_ids = self._eos_ids()
 
-        max_len = cfg.max_model_len or mcfg.max_position_embeddings
-        if cfg.max_model_len and cfg.max_model_len > mcfg.max_position_embeddings:
-            raise ConfigError(
-                f"engine option max_model_len={cfg.max_model_len} exceeds the model's "
-                f"max_position_embeddings={mcfg.max_position_embeddings}"
-            )
+        limit, why = mcfg.max_position_embeddings, "max_position_embeddings"
+        if mcfg.sliding_window is not None and mcfg.sliding_window < limit:
+            limit, why = mcfg.sliding_window, "sliding_window (sliding-window attention is not implemented)"
+        max_len = cfg.max_model_len or limit
+        if max_len > limit:
+            raise ConfigError(f"engine option max_model_len={max_len} exceeds the model's {why}={limit}")
 
         # Adapters are read and checked before any weight is loaded: a bad adapter fails in seconds.
         host_adapters: dict[str, CanonicalAdapter] = {}
@@ -174,7 +174,9 @@ class LLM:
             log.warning("CUDA graphs unavailable in this build; running decode eagerly")
             return None
         has_lora = self.pool is not None and self.pool.has_slabs
-        return GraphRunner(self.model, self.config.max_num_seqs, max_len, self.config.block_size, has_lora, self.device)
+        return GraphRunner(
+            self.model, self.config.max_num_seqs, max_len, self.config.block_size, has_lora, self.device, self.pool
+        )
 
     # ---- properties of the public API -----------------------------------------------------------
     @property
