@@ -29,7 +29,7 @@ MODEL = DEMO / "model"
 ADAPTERS = DEMO / "adapters"
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 THRESHOLD = 0.98
-N_HELD_OUT = 60
+N_HELD_OUT = 100
 PAD, BOS, EOS = 0, 1, 2
 
 TASKS: dict[str, Callable[[str], str]] = {
@@ -63,19 +63,17 @@ def tokenizer():
 
 @torch.no_grad()
 def exact_match(model: torch.nn.Module, tokenizer, task: str) -> float:
-    """Greedy `generate` per group of equal-length prompts (no padding); a hit needs answer + <eos>."""
+    """One greedy `generate` over all prompts (left-padded by the tokenizer); a hit needs answer + <eos>."""
     strings = held_out()
-    groups: dict[int, list[str]] = {}
-    for s in strings:
-        groups.setdefault(len(s), []).append(s)
+    assert tokenizer.padding_side == "left"
+    enc = tokenizer([s + "|" for s in strings], return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=max(map(len, strings)) + 1, do_sample=False,
+                         eos_token_id=EOS, pad_token_id=PAD)
+    new = out[:, enc["input_ids"].shape[1]:].tolist()
     hits = 0
-    for n, group in groups.items():
-        enc = tokenizer([s + "|" for s in group], return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=n + 2, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
-        for s, row in zip(group, new, strict=True):
-            want = tokenizer.encode(TASKS[task](s), add_special_tokens=False) + [EOS]
-            hits += row[: len(want)] == want
+    for s, row in zip(strings, new, strict=True):
+        want = tokenizer.encode(TASKS[task](s), add_special_tokens=False) + [EOS]
+        hits += row[: len(want)] == want
     em = hits / len(strings)
     print(f"\n[demo] {task}: greedy exact match {em:.3f} on {len(strings)} held-out strings")
     return em
