@@ -383,15 +383,14 @@ def _num_sms(device: str) -> int:
     return 4
 
 
-def decode_splits(batch: int, n_kv: int, ctx_bound: int, device: torch.device | str, block_n: int = 64) -> tuple[int, int]:
-    """(num_splits, partition) for decode: enough programs to fill the GPU twice, >= 256 keys a split.
+def decode_splits(batch: int, n_kv: int, ctx_bound: int, device: torch.device | str) -> int:
+    """Decode split count: enough programs to fill the GPU twice, >= 256 keys a split, <= 128 splits.
 
-    Depends only on host values (batch, heads, the context bound), so a CUDA graph bucket keeps it.
+    Depends only on host values (batch, KV heads, the context bound), so a CUDA-graph bucket keeps it,
+    and `decode_workspace_size(batch, n_h, D, decode_splits(...))` sizes its static workspace.
     """
     target = 2 * _num_sms(str(device))
-    splits = max(1, min(triton.cdiv(target, max(1, batch * n_kv)), triton.cdiv(ctx_bound, 256), 128))
-    partition = triton.cdiv(triton.cdiv(ctx_bound, splits), block_n) * block_n
-    return triton.cdiv(ctx_bound, partition), partition
+    return max(1, min(triton.cdiv(target, max(1, batch * n_kv)), triton.cdiv(ctx_bound, 256), 128))
 
 
 def decode_workspace_size(batch: int, n_h: int, head_dim: int, num_splits: int) -> int:
@@ -436,7 +435,7 @@ def paged_attention(
         anything else (or None: bound T) the prefill kernel, whose grid is sized from the bound.
     max_context_len: host bound on context_lens for sizing decode splits (default: the block table's
         width times the block size).
-    num_splits: force the decode split count (tests); default from `decode_splits`.
+    num_splits: the decode split count (default `decode_splits`; a graph runner may fix it).
     out: [T, n_h, D] output buffer; rows outside every sequence are not written (a fresh output is
         zero-filled, so they read 0 as in the reference).
     workspace: fp32 buffer of >= decode_workspace_size(B, n_h, D, splits) elements for split decode.
@@ -482,11 +481,9 @@ def paged_attention(
     block_n = cfg["BLOCK_N"]
     ctx_bound = max_context_len if max_context_len is not None else block_tables.shape[1] * bs
     ctx_bound = max(1, int(ctx_bound))
-    if num_splits is None:
-        splits, partition = decode_splits(B, n_kv, ctx_bound, q.device, block_n)
-    else:
-        partition = triton.cdiv(triton.cdiv(ctx_bound, num_splits), block_n) * block_n
-        splits = triton.cdiv(ctx_bound, partition)
+    splits = max(1, int(num_splits)) if num_splits is not None else decode_splits(B, n_kv, ctx_bound, q.device)
+    # Keys per split, a whole number of BLOCK_N; splits whose range starts past a context exit at once.
+    partition = triton.cdiv(triton.cdiv(ctx_bound, splits), block_n) * block_n
     split = splits > 1
     if split:
         need = decode_workspace_size(B, n_h, D, splits)

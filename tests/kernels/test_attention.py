@@ -155,3 +155,29 @@ def test_attention_gpu(kind, dtype):
     got = paged_attention(q, kc, vc, tables, ctx, qsl, 128**-0.5, max_query_len=mql)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got, expect, atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+def test_decode_cuda_graph_replay():
+    # Static buffers sized from host bounds; contexts grow between replays as in a decode loop.
+    from lorax.kernels.attention import decode_splits, decode_workspace_size
+
+    B, n_h, n_kv, D, bs, width = 5, 8, 2, 64, 16, 64  # 1024-token bound: split-K with 4 splits on an H100
+    q, kc, vc, tables, ctx, qsl = _setup([bs * width] * B, [1] * B, n_h, n_kv, D, bs, torch.bfloat16, "cuda")
+    splits = decode_splits(B, n_kv, width * bs, "cuda")
+    ws = torch.empty(decode_workspace_size(B, n_h, D, splits), dtype=torch.float32, device="cuda")
+    out = torch.zeros_like(q)
+    call = lambda: paged_attention(q, kc, vc, tables, ctx, qsl, D**-0.5, max_query_len=1, max_context_len=width * bs,
+                                   out=out, workspace=ws)
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for lens in ([1, 2, 3, 4, 5], [17, 700, 1024, 33, 300], [1024] * 5):
+        ctx.copy_(torch.tensor(lens, dtype=torch.int32))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = paged_attention_ref(q, kc, vc, tables, ctx, qsl, D**-0.5)
+        torch.testing.assert_close(out, expect, atol=TOL[torch.bfloat16][0], rtol=TOL[torch.bfloat16][1])

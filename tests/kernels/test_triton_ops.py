@@ -86,3 +86,39 @@ def test_fused_moe_matches_ref(device):
     got = get_ops(device, "triton").fused_moe(x, w13, w2, weights, ids)
     tol = 1e-4 if device == "cpu" else 5e-3  # on the GPU an fp32 tl.dot may run in tf32
     torch.testing.assert_close(got, expect, atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_no_host_sync_in_the_step_ops():
+    # ARCHITECTURE invariant: nothing in the forward syncs with the host (after a warm-up call).
+    ops = get_ops("cuda", "triton")
+    T, K, S, R, offs = 16, 128, 4, 16, (0, 64, 96, 128)
+    x = torch.randn(T, K, dtype=torch.bfloat16, device="cuda")
+    y = torch.randn(T, 128, dtype=torch.bfloat16, device="cuda")
+    A = torch.randn(S, 3 * R, K, dtype=torch.bfloat16, device="cuda")
+    B = torch.randn(S, 128, R, dtype=torch.bfloat16, device="cuda")
+    slot = torch.randint(-1, S, (T,), dtype=torch.int32, device="cuda")
+    n_h, n_kv, D, bs = 8, 2, 64, 16
+    kc = torch.randn(8, bs, n_kv, D, dtype=torch.bfloat16, device="cuda")
+    vc = torch.randn_like(kc)
+    q = torch.randn(T, n_h, D, dtype=torch.bfloat16, device="cuda")
+    kv = torch.randn(T, n_kv, D, dtype=torch.bfloat16, device="cuda")
+    slots = torch.arange(T, dtype=torch.int64, device="cuda")
+    tables = torch.arange(8, dtype=torch.int32, device="cuda").reshape(1, 8).repeat(T, 1)
+    ctx = torch.full((T,), 100, dtype=torch.int32, device="cuda")
+    qsl = torch.arange(T + 1, dtype=torch.int32, device="cuda")
+
+    def step() -> None:
+        ops.lora_linear(x, y, A, B, offs, slot, batch=build_lora_batch(slot, S))
+        ops.store_kv(kv, kv, kc, vc, slots)
+        ops.paged_attention(q, kc, vc, tables, ctx, qsl, 0.125, max_query_len=1)
+        ops.paged_attention(q, kc, vc, tables, ctx, qsl, 0.125)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
