@@ -111,6 +111,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
+    sliding_window: int | None = None  # the engine keeps max_model_len <= this (full attention inside it)
     hf_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -155,12 +156,13 @@ class ModelConfig:
         num_kv = int(raw.get("num_key_value_heads") or num_heads)
         head_dim = int(raw.get("head_dim") or hidden // num_heads)
         num_layers = int(need("num_hidden_layers"))
-        if raw.get("use_sliding_window") or (model_type == "mixtral" and raw.get("sliding_window")):
-            # Mixtral/Mistral configs often carry a window larger than any context they are run with.
-            window = raw.get("sliding_window")
-            max_pos = int(raw.get("max_position_embeddings") or 0)
-            if window and max_pos and int(window) < max_pos:
-                raise ConfigError(f"{source}: sliding-window attention (sliding_window={window}) is not supported")
+        # Sliding-window attention equals full attention while the context fits in the window, so the
+        # engine caps max_model_len at the window instead of implementing it. Qwen families carry a
+        # window that is off unless use_sliding_window; Mistral/Mixtral apply it whenever it is set.
+        window = raw.get("sliding_window")
+        if model_type in ("qwen3_moe", "qwen2_moe", "qwen3", "qwen2") and not raw.get("use_sliding_window"):
+            window = None
+        sliding_window = int(window) if window else None
 
         # Experts are named three ways across families and transformers versions.
         num_experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
@@ -230,6 +232,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             pad_token_id=raw.get("pad_token_id"),
             torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+            sliding_window=sliding_window,
             hf_config=raw,
         )
 

@@ -131,3 +131,12 @@ def test_unsupported_model_and_missing_dir(tmp_path: Path) -> None:
         LLM(str(tmp_path / "gpt2"), **ENGINE)
     with pytest.raises(ConfigError, match="not a directory|not fetchable"):
         LLM(str(tmp_path / "nowhere" / "x" / "y"), **ENGINE)
+
+
+def test_sliding_window_caps_max_model_len(tmp_path: Path) -> None:
+    hf = build_hf("mixtral")
+    hf.config.sliding_window = 16
+    path = save(hf, tmp_path / "m")
+    assert LLM(str(path), **ENGINE).max_model_len == 16
+    with pytest.raises(ConfigError, match="sliding_window"):
+        LLM(str(path), **ENGINE, max_model_len=32)
