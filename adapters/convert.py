@@ -110,6 +110,11 @@ def verify_conversion(opened: OpenedAdapter, dest: Path, dtype: torch.dtype | No
                     item0.A, item1.A) and torch.equal(item0.B, item1.B)
             if not same:
                 raise AdapterError(f"{dest}: layer {layer} {name0}: tensors differ after conversion")
+    if sorted(written.plan.extra) != sorted(opened.plan.extra):
+        raise AdapterError(f"{dest}: embed_tokens / lm_head tensors were not carried over")
+    for key in opened.plan.extra:
+        if not torch.equal(_cast(read(opened.source, key), dtype), read(written.source, key)):
+            raise AdapterError(f"{dest}: tensor {key!r} differs after conversion")
 
 
 def _same_moe(a: MoELora, b: MoELora) -> bool:

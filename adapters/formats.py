@@ -100,6 +100,9 @@ def plan_keys(shapes: dict[str, tuple[int, ...]]) -> AdapterPlan:
         if "lora_magnitude_vector" in key:
             plan.errors.append(f"tensor {key!r}: DoRA (lora_magnitude_vector) is not supported")
             continue
+        if re.search(r"\.lora_[AB](\.[A-Za-z0-9_-]+)?\.bias$", key):
+            plan.errors.append(f"tensor {key!r}: LoRA bias (lora_bias=True) is not supported")
+            continue
         if ".modules_to_save." in key or (".lora_" not in key and key.endswith((".weight", ".bias"))):
             plan.errors.append(f"tensor {key!r}: full weights (modules_to_save) are not supported")
             continue

@@ -13,6 +13,7 @@ import torch
 from adapter_builders import INTER, E, H, per_expert_tensors, write_adapter
 
 from lorax.adapters import load_adapter
+from lorax.adapters.convert import convert_adapter
 from lorax.adapters.inspect import inspect_adapter
 from lorax.errors import AdapterError
 
@@ -104,6 +105,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
                       r"v_proj.lora_A.weight' has no matching lora_B"),
     "DoRA tensors": (_with(**{f"{P}.0.self_attn.q_proj.lora_magnitude_vector": torch.randn(H)}), "DoRA"),
     "DoRA config": (_config(use_dora=True), "DoRA"),
+    "LoRA bias": (_with(**{f"{P}.0.self_attn.q_proj.lora_B.bias": torch.randn(H)}), "LoRA bias"),
     "modules_to_save config": (_config(modules_to_save=["lm_head"]), "modules_to_save"),
     "modules_to_save tensor": (_with(**{"base_model.model.lm_head.modules_to_save.default.weight":
                                         torch.randn(8, H)}), "modules_to_save"),
@@ -153,3 +155,5 @@ def test_embed_and_lm_head_lora_kept_in_extra(tmp_path: Path) -> None:
     info = inspect_adapter(str(tmp_path))
     assert {"embed_tokens", "lm_head"} <= set(info["target_modules"]) and info["usable"]
     assert any("never applied" in w for w in info["warnings"])
+    convert_adapter(str(tmp_path), tmp_path / "out", "fused", dtype="bfloat16")  # carried over, verified
+    assert sorted(load_adapter(str(tmp_path / "out")).extra) == sorted(extra)

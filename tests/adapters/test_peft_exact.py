@@ -8,6 +8,7 @@ must match (fp32, rtol/atol 1e-5; both sides compute s * B @ A in fp32, so only 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -135,3 +136,28 @@ def test_written_adapter_loads_in_peft(case: str, layout: str, tmp_path: Path) -
     model = tiny_model(family)
     base_state = copy.deepcopy(model.state_dict())
     check(base_state, peft.PeftModel.from_pretrained(model, str(tmp_path / "out")), ad)
+
+
+@pytest.mark.parametrize("family,names,container", [
+    ("qwen3_moe", ("gate_proj", "up_proj", "down_proj"), "mlp.experts"),
+    ("mixtral", ("w1", "w3", "w2"), "block_sparse_moe.experts"),
+])
+def test_peft_resaved_legacy_adapter(family: str, names: tuple[str, str, str], container: str,
+                                     tmp_path: Path) -> None:
+    """PEFT re-saves a converted legacy adapter as fused rank 2r with rank/alpha patterns for gate_up:
+    lorax reads the patterns, splits the block-diagonal B back to rank r, and matches the merge."""
+    write_adapter(tmp_path / "legacy", per_expert_tensors(names, container, r=4),
+                  dict(r=4, lora_alpha=8, target_modules=list(names)))
+    pm = peft.PeftModel.from_pretrained(tiny_model(family), str(tmp_path / "legacy"))
+    pm.save_pretrained(tmp_path / "resaved")
+    cfg = json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {r".*\.gate_up_proj": 8} and cfg["alpha_pattern"] == {r".*\.gate_up_proj": 16}
+    ad = load_adapter(str(tmp_path / "resaved"))
+    assert ad.moe_format == "fused" and ad.moe[0].gate_up_B.shape[2] == 4  # compacted back to rank r
+    legacy = load_adapter(str(tmp_path / "legacy"))
+    for layer in legacy.moe:
+        for f in ("gate_up_A", "gate_up_B", "down_A", "down_B"):
+            assert torch.equal(getattr(legacy.moe[layer], f), getattr(ad.moe[layer], f)), (layer, f)
+    model = tiny_model(family)
+    base_state = copy.deepcopy(model.state_dict())
+    check(base_state, peft.PeftModel.from_pretrained(model, str(tmp_path / "resaved")), ad)
