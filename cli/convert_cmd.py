@@ -23,8 +23,9 @@ def convert_command(
 ) -> None:
     """Convert an adapter to safetensors and/or another MoE layout, then validate it.
 
-    Never executes pickle: .bin/.pt files are read by walking their opcodes. The output is written
-    atomically, re-read and compared bit for bit with the source.
+    Never executes pickle: .bin/.pt files are read by walking their opcodes.
+
+    The output is written atomically, re-read and compared bit for bit with the source.
     """
     from lorax.adapters.convert import convert_adapter
     from lorax.adapters.inspect import inspect_adapter
