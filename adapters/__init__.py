@@ -7,6 +7,15 @@ a layout on disk), ``check_against_config`` (adapter vs a model's config.json), 
 
 from lorax.adapters.canonical import CanonicalAdapter, LoraPair, MoELora
 from lorax.adapters.layouts import LAYOUTS, save_adapter
+from lorax.adapters.model_config import check_against_config
 from lorax.adapters.peft_io import load_adapter
 
-__all__ = ["LAYOUTS", "CanonicalAdapter", "LoraPair", "MoELora", "load_adapter", "save_adapter"]
+__all__ = [
+    "LAYOUTS",
+    "CanonicalAdapter",
+    "LoraPair",
+    "MoELora",
+    "check_against_config",
+    "load_adapter",
+    "save_adapter",
+]
