@@ -124,7 +124,7 @@ def _gate_up_kernel(
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_SHARED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
-    EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr,
+    EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # each program owns BLOCK_N gate columns and the matching BLOCK_N up columns of one block of pairs
     num_pid_n = tl.cdiv(I, BLOCK_N)
@@ -156,64 +156,70 @@ def _gate_up_kernel(
                 xt = xt.to(tl.float32)
                 wg = wg.to(tl.float32)
                 wu = wu.to(tl.float32)
-            acc_g = tl.dot(xt, wg, acc_g)
-            acc_u = tl.dot(xt, wu, acc_u)
+            acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
+            acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
             x_ptrs += BLOCK_K * stride_xh
             wg_ptrs += BLOCK_K * stride_wh
             wu_ptrs += BLOCK_K * stride_wh
         if HAS_LORA:
             # gate_up expand before the activation: h += [B_gate z_gate ; B_up z_up] per present slot
             slot = tl.load(token_slot_ptr + token, mask=mask_m, other=-1)
+            has = slot >= 0
+            any_lora = tl.max(has.to(tl.int32), axis=0) > 0  # blocks without adapter rows skip it all
             offs_r = tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
-            z_ptrs = zgu_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R) + offs_r[None, :]
-            zg = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            zu = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            has = slot >= 0
-            for sp in range(SPLIT):
-                zg += tl.load(z_ptrs + sp * 2 * BLOCK_R, mask=has[:, None], other=0.0)
-                zu += tl.load(z_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=has[:, None], other=0.0)
-            if HAS_SHARED:
-                zs_ptrs = zsh_ptr + token[:, None] * (SPLIT * 2 * BLOCK_R) + offs_r[None, :]
-                for sp in range(SPLIT):
-                    zg += tl.load(zs_ptrs + sp * 2 * BLOCK_R, mask=has[:, None], other=0.0)
-                    zu += tl.load(zs_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=has[:, None], other=0.0)
-            b_off = expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
-            m_b = mask_r[:, None] & mask_n[None, :]
-            for s in range(0, S):
-                in_s = slot == s
-                if tl.max(in_s.to(tl.int32), axis=0) > 0:
-                    bg = tl.load(gu_b_ptr + s * stride_bs + b_off, mask=m_b, other=0.0)  # [BLOCK_R, BLOCK_N]
-                    bu = tl.load(gu_b_ptr + s * stride_bs + b_off + I * stride_bn, mask=m_b, other=0.0)
-                    zgs = tl.where(in_s[:, None], zg, 0.0)
-                    zus = tl.where(in_s[:, None], zu, 0.0)
-                    if CAST_FP32:
-                        bg = bg.to(tl.float32)
-                        bu = bu.to(tl.float32)
-                    else:
-                        zgs = zgs.to(bg.dtype)
-                        zus = zus.to(bu.dtype)
-                    acc_g = tl.dot(zgs, bg, acc_g)
-                    acc_u = tl.dot(zus, bu, acc_u)
+            if any_lora:
+                # sum the shrink's K-split partials (unrolled: independent loads, issued together)
+                z_ptrs = zgu_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R) + offs_r[None, :]
+                zg = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+                zu = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+                for sp in tl.static_range(SPLIT):
+                    zg += tl.load(z_ptrs + sp * 2 * BLOCK_R, mask=has[:, None], other=0.0)
+                    zu += tl.load(z_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=has[:, None], other=0.0)
+                if HAS_SHARED:
+                    zs_ptrs = zsh_ptr + token[:, None] * (SPLIT * 2 * BLOCK_R) + offs_r[None, :]
+                    for sp in tl.static_range(SPLIT):
+                        zg += tl.load(zs_ptrs + sp * 2 * BLOCK_R, mask=has[:, None], other=0.0)
+                        zu += tl.load(zs_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=has[:, None], other=0.0)
+                b_off = (expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+                         + offs_r[:, None] * stride_br)
+                m_b = mask_r[:, None] & mask_n[None, :]
+                for s in range(0, S):
+                    in_s = slot == s
+                    if tl.max(in_s.to(tl.int32), axis=0) > 0:
+                        bg = tl.load(gu_b_ptr + s * stride_bs + b_off, mask=m_b, other=0.0)  # [BLOCK_R, BLOCK_N]
+                        bu = tl.load(gu_b_ptr + s * stride_bs + b_off + I * stride_bn, mask=m_b, other=0.0)
+                        zgs = tl.where(in_s[:, None], zg, 0.0)
+                        zus = tl.where(in_s[:, None], zu, 0.0)
+                        if CAST_FP32:
+                            bg = bg.to(tl.float32)
+                            bu = bu.to(tl.float32)
+                        else:
+                            zgs = zgs.to(bg.dtype)
+                            zus = zus.to(bu.dtype)
+                        acc_g = tl.dot(zgs, bg, acc_g, input_precision=DOT_PREC)
+                        acc_u = tl.dot(zus, bu, acc_u, input_precision=DOT_PREC)
         act = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(act_ptr.dtype.element_ty)
         tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :], act,
                  mask=mask_m[:, None] & mask_n[None, :])
-        if HAS_LORA:
-            # down shrink, partial over this I tile: zdp[n, pid_n] = down_A[s, e][:, tile] a[n, tile]
-            zd = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            d_off = expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di + offs_r[None, :] * stride_dr
-            m_d = mask_n[:, None] & mask_r[None, :]
-            for s in range(0, S):
-                in_s = slot == s
-                if tl.max(in_s.to(tl.int32), axis=0) > 0:
-                    da = tl.load(d_a_ptr + s * stride_ds + d_off, mask=m_d, other=0.0)  # [BLOCK_N, BLOCK_R]
-                    a_s = tl.where(in_s[:, None], act, 0.0).to(da.dtype)
-                    if CAST_FP32:
-                        a_s = a_s.to(tl.float32)
-                        da = da.to(tl.float32)
-                    zd = tl.dot(a_s, da, zd)
-            zdp_ptrs = zdp_ptr + (rows.to(tl.int64)[:, None] * num_pid_n + pid_n) * BLOCK_R + offs_r[None, :]
-            tl.store(zdp_ptrs, zd, mask=has[:, None])
+        if HAS_LORA:  # noqa: SIM102 - a constexpr test, then a runtime one
+            if any_lora:
+                # down shrink, partial over this I tile: zdp[n, pid_n] = down_A[s, e][:, tile] a[n, tile]
+                zd = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+                d_off = (expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di
+                         + offs_r[None, :] * stride_dr)
+                m_d = mask_n[:, None] & mask_r[None, :]
+                for s in range(0, S):
+                    in_s = slot == s
+                    if tl.max(in_s.to(tl.int32), axis=0) > 0:
+                        da = tl.load(d_a_ptr + s * stride_ds + d_off, mask=m_d, other=0.0)  # [BLOCK_N, BLOCK_R]
+                        a_s = tl.where(in_s[:, None], act, 0.0).to(da.dtype)
+                        if CAST_FP32:
+                            a_s = a_s.to(tl.float32)
+                            da = da.to(tl.float32)
+                        zd = tl.dot(a_s, da, zd, input_precision=DOT_PREC)
+                zdp_ptrs = zdp_ptr + (rows.to(tl.int64)[:, None] * num_pid_n + pid_n) * BLOCK_R + offs_r[None, :]
+                tl.store(zdp_ptrs, zd, mask=has[:, None])
 
 
 @triton.jit
@@ -229,14 +235,14 @@ def _down_kernel(
     d_b_ptr,  # [S, E, H, R] (LoRA)
     zdw_ptr,  # [N, BLOCK_R] fp32 out: w * z_d, for the shared-outer expand (HAS_SHARED)
     # sizes
-    N, TOPK, H, I, S, R, NT_GU,
+    N, TOPK, H, I, S, R, NT_GU,  # NT_GU: I tiles of the gate_up kernel (partials per pair)
     # strides
     stride_am, stride_we, stride_wn, stride_wk, stride_ym,
     stride_bs, stride_be, stride_bn, stride_br,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_R: tl.constexpr,
-    EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_R: tl.constexpr, NT_CHUNK: tl.constexpr,
+    EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(H, BLOCK_N)
     ok, expert, rows, pid_n = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr,
@@ -262,34 +268,42 @@ def _down_kernel(
             if CAST_FP32:
                 at = at.to(tl.float32)
                 wt = wt.to(tl.float32)
-            acc = tl.dot(at, wt, acc)
+            acc = tl.dot(at, wt, acc, input_precision=DOT_PREC)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
         w = tl.load(topk_w_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
         if HAS_LORA:
             slot = tl.load(token_slot_ptr + rows // TOPK, mask=mask_m, other=-1)
             has = slot >= 0
-            offs_r = tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            zd = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            z_ptrs = zdp_ptr + rows64[:, None] * (NT_GU * BLOCK_R) + offs_r[None, :]
-            for t in range(0, NT_GU):
-                zd += tl.load(z_ptrs + t * BLOCK_R, mask=has[:, None], other=0.0)
-            b_off = expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
-            for s in range(0, S):
-                in_s = slot == s
-                if tl.max(in_s.to(tl.int32), axis=0) > 0:
-                    db = tl.load(d_b_ptr + s * stride_bs + b_off, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                    zds = tl.where(in_s[:, None], zd, 0.0)
-                    if CAST_FP32:
-                        db = db.to(tl.float32)
-                    else:
-                        zds = zds.to(db.dtype)
-                    acc = tl.dot(zds, db, acc)
-            if HAS_SHARED:  # noqa: SIM102 - a constexpr test, then a runtime one
-                if pid_n == 0:
-                    tl.store(zdw_ptr + rows64[:, None] * BLOCK_R + offs_r[None, :], zd * w[:, None],
-                             mask=mask_m[:, None])
+            if tl.max(has.to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it all
+                offs_r = tl.arange(0, BLOCK_R)
+                mask_r = offs_r < R
+                # sum the gate_up kernel's per-I-tile partials, NT_CHUNK tiles per vector load
+                offs_t = tl.arange(0, NT_CHUNK)
+                z_ptrs = (zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R) + offs_t[None, :, None] * BLOCK_R
+                          + offs_r[None, None, :])  # [BLOCK_M, NT_CHUNK, BLOCK_R]
+                zd = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+                for t0 in range(0, NT_GU, NT_CHUNK):
+                    m_z = has[:, None, None] & (t0 + offs_t < NT_GU)[None, :, None]
+                    zd += tl.sum(tl.load(z_ptrs + t0 * BLOCK_R, mask=m_z, other=0.0), axis=1)
+                b_off = (expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+                         + offs_r[:, None] * stride_br)
+                for s in range(0, S):
+                    in_s = slot == s
+                    if tl.max(in_s.to(tl.int32), axis=0) > 0:
+                        db = tl.load(d_b_ptr + s * stride_bs + b_off, mask=mask_r[:, None] & mask_n[None, :],
+                                     other=0.0)
+                        zds = tl.where(in_s[:, None], zd, 0.0)
+                        if CAST_FP32:
+                            db = db.to(tl.float32)
+                        else:
+                            zds = zds.to(db.dtype)
+                        acc = tl.dot(zds, db, acc, input_precision=DOT_PREC)
+                if HAS_SHARED:  # noqa: SIM102 - a constexpr test, then a runtime one
+                    if pid_n == 0:
+                        # rows of pairs without an adapter are not written: the top-k sum never uses them
+                        tl.store(zdw_ptr + rows64[:, None] * BLOCK_R + offs_r[None, :], zd * w[:, None],
+                                 mask=has[:, None])
         acc = acc * w[:, None]
         tl.store(ypair_ptr + rows64[:, None] * stride_ym + offs_n[None, :], acc.to(ypair_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
@@ -307,7 +321,7 @@ def _topk_sum_kernel(
     stride_ym, stride_om, stride_ss, stride_sh, stride_sr,
     # meta
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr,
+    HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # deterministic top-k reduction (fixed j order, fp32), plus the shared-outer down expand once per token
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -318,6 +332,7 @@ def _topk_sum_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     offs_r = tl.arange(0, BLOCK_R)
     u = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+    slot = tl.load(token_slot_ptr + offs_t, mask=mask_t, other=-1)  # (without LoRA: any int32 [>= T])
     for j in range(0, TOPK):
         e = tl.load(topk_ids_ptr + offs_t64 * TOPK + j, mask=mask_t, other=-1)
         valid = (e >= 0) & (e < E)
@@ -325,9 +340,9 @@ def _topk_sum_kernel(
         acc += tl.load(ypair_ptr + row[:, None] * stride_ym + offs_h[None, :],
                        mask=valid[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
         if HAS_SHARED:
-            u += tl.load(zdw_ptr + row[:, None] * BLOCK_R + offs_r[None, :], mask=valid[:, None], other=0.0)
+            u += tl.load(zdw_ptr + row[:, None] * BLOCK_R + offs_r[None, :], mask=(valid & (slot >= 0))[:, None],
+                         other=0.0)
     if HAS_SHARED:
-        slot = tl.load(token_slot_ptr + offs_t, mask=mask_t, other=-1)
         b_off = offs_h[None, :] * stride_sh + offs_r[:, None] * stride_sr
         for s in range(0, S):
             in_s = slot == s
@@ -339,7 +354,7 @@ def _topk_sum_kernel(
                     sb = sb.to(tl.float32)
                 else:
                     us = us.to(sb.dtype)
-                acc = tl.dot(us, sb, acc)
+                acc = tl.dot(us, sb, acc, input_precision=DOT_PREC)
     tl.store(y_ptr + offs_t64[:, None] * stride_om + offs_h[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask_t[:, None] & mask_h[None, :])
 
@@ -491,6 +506,11 @@ def fused_moe(
     N = T * topk
     max_blocks = align.block_expert.numel()
     cast = interpreting()
+    # fp32 (a CPU/debug dtype) on a GPU: exact fp32 products and tiles that fit in shared memory
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    if x.dtype == torch.float32 and not cast:
+        cfg = {**cfg, "BLOCK_K_GU": min(cfg["BLOCK_K_GU"], 64), "BLOCK_K_D": min(cfg["BLOCK_K_D"], 64),
+               "num_stages": min(cfg["num_stages"], 2)}
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     has_lora = lora is not None
@@ -519,7 +539,7 @@ def fused_moe(
             sh_b = lora.shared_down_B if lora.shared_down_B is not None else zero_b
             lora = lora._replace(shared_gate_up_A=sh_a, shared_down_B=sh_b)
         moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, topk, bm, cfg["SPLIT"],
-                        buf.zgu, buf.zsh if has_shared else None, cast_fp32=cast)
+                        buf.zgu, buf.zsh if has_shared else None, cast_fp32=cast, dot_prec=prec)
     nt_gu = triton.cdiv(I, cfg["BLOCK_N_GU"])
     _gate_up_kernel[(max_blocks * nt_gu,)](
         x, w13, buf.act, align.sorted_ids, align.block_expert, align.num_padded,
@@ -529,7 +549,7 @@ def fused_moe(
         *(gu_b.stride() if has_lora else (0, 0, 0, 0)), *(d_a.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=cfg["BLOCK_K_GU"], GROUP_M=cfg["GROUP_M"],
         HAS_LORA=has_lora, HAS_SHARED=has_shared, SPLIT=cfg["SPLIT"], BLOCK_R=br,
-        EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, **launch,
+        EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, DOT_PREC=prec, **launch,
     )
     _down_kernel[(max_blocks * triton.cdiv(H, cfg["BLOCK_N_D"]),)](
         buf.act, w2, buf.ypair, weights, align.sorted_ids, align.block_expert, align.num_padded,
@@ -538,8 +558,8 @@ def fused_moe(
         buf.act.stride(0), *w2.stride(), buf.ypair.stride(0),
         *(d_b.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_D"], BLOCK_K=cfg["BLOCK_K_D"], GROUP_M=cfg["GROUP_M"],
-        HAS_LORA=has_lora, HAS_SHARED=has_shared, BLOCK_R=br,
-        EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, **launch,
+        HAS_LORA=has_lora, HAS_SHARED=has_shared, BLOCK_R=br, NT_CHUNK=min(8, triton.next_power_of_2(nt_gu)),
+        EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, DOT_PREC=prec, **launch,
     )
     block_t = 16
     block_h = min(256, triton.next_power_of_2(H))
@@ -547,6 +567,7 @@ def fused_moe(
         buf.ypair, ids, y, slot, buf.zdw, sh_b,
         T, topk, E, H, S, R,
         buf.ypair.stride(0), y.stride(0), *(sh_b.stride() if has_shared else (0, 0, 0)),
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=br, HAS_SHARED=has_shared, CAST_FP32=cast, num_warps=4,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=br, HAS_SHARED=has_shared, CAST_FP32=cast, DOT_PREC=prec,
+        num_warps=4,
     )
     return y

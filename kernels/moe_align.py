@@ -205,12 +205,13 @@ def _moe_scatter_kernel(
         live = mask_b & (offs_b < total_blocks)
         owner = tl.where(live, lo, -1)
         tl.store(block_expert_ptr + offs_b, owner, mask=mask_b)
-        start = tl.load(starts_ptr + owner, mask=live, other=0)
-        count = tl.load(counts_ptr + owner, mask=live, other=0)
+        # (names differ from role 1's: Triton merges names bound in both branches of a runtime if)
+        run_start = tl.load(starts_ptr + owner, mask=live, other=0)
+        run_count = tl.load(counts_ptr + owner, mask=live, other=0)
         offs_m = tl.arange(0, BLOCK_BM)
         pos = offs_b[:, None] * block_m + offs_m[None, :]  # [BLOCK_B, BLOCK_BM]
         in_block = mask_b[:, None] & (offs_m[None, :] < block_m)
-        is_pad = (~live[:, None]) | (pos - start[:, None] >= count[:, None])
+        is_pad = (~live[:, None]) | (pos - run_start[:, None] >= run_count[:, None])
         tl.store(sorted_ids_ptr + pos, tl.zeros_like(pos) + N, mask=in_block & is_pad)
 
 

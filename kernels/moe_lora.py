@@ -110,7 +110,7 @@ def _shrink_rows(
     H, S, R, k_chunk,
     stride_xt, stride_xh, stride_a_s, stride_a_r, stride_a_h,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
-    CAST_FP32: tl.constexpr,
+    CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """out[row, pid_k] = (gate z, up z) of A[slot(row)] x_token over this program's K chunk."""
     pid_k = tl.program_id(1)
@@ -141,8 +141,8 @@ def _shrink_rows(
                     xt = xt.to(tl.float32)
                     ag = ag.to(tl.float32)
                     au = au.to(tl.float32)
-                acc_g = tl.dot(xt, ag, acc_g)
-                acc_u = tl.dot(xt, au, acc_u)
+                acc_g = tl.dot(xt, ag, acc_g, input_precision=DOT_PREC)
+                acc_u = tl.dot(xt, au, acc_u, input_precision=DOT_PREC)
             m_out = in_s[:, None] & (offs_r[None, :] < BLOCK_R)
             tl.store(out_ptrs, acc_g, mask=m_out)
             tl.store(out_ptrs + BLOCK_R, acc_u, mask=m_out)
@@ -166,7 +166,7 @@ def _moe_lora_shrink_kernel(
     stride_ss, stride_sr, stride_sh,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr,
+    HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # grid: (max_blocks [+ token blocks when HAS_SHARED], SPLIT)
     pid = tl.program_id(0)
@@ -181,16 +181,16 @@ def _moe_lora_shrink_kernel(
                 x_ptr, gu_a_ptr + expert.to(tl.int64) * stride_ae, zgu_ptr, token_slot_ptr,
                 rows, rows < N, rows // TOPK, H, S, R, k_chunk,
                 stride_xt, stride_xh, stride_as, stride_ar, stride_ah,
-                BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, CAST_FP32,
+                BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, CAST_FP32, DOT_PREC,
             )
     elif HAS_SHARED:
         # role 2: one block of tokens against the shared-outer A (once per token, not per pair)
-        rows = (pid - max_blocks) * BLOCK_M + offs_m
+        tok_rows = (pid - max_blocks) * BLOCK_M + offs_m
         _shrink_rows(
             x_ptr, sh_a_ptr, zsh_ptr, token_slot_ptr,
-            rows, rows < T, rows, H, S, R, k_chunk,
+            tok_rows, tok_rows < T, tok_rows, H, S, R, k_chunk,
             stride_xt, stride_xh, stride_ss, stride_sr, stride_sh,
-            BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, CAST_FP32,
+            BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, CAST_FP32, DOT_PREC,
         )
 
 
@@ -214,6 +214,7 @@ def moe_lora_shrink(
     block_k: int = 64,
     num_warps: int = 4,
     cast_fp32: bool = False,
+    dot_prec: str = "tf32",
 ) -> None:
     """Launch 1 of the MoE LoRA: fill zgu [T*k, split, 2, BLOCK_R] (and zsh [T, split, 2, BLOCK_R]).
 
@@ -238,5 +239,5 @@ def moe_lora_shrink(
         *lora.gate_up_A.stride(),
         *sh_strides,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, SPLIT=split, HAS_SHARED=has_shared,
-        CAST_FP32=cast_fp32, num_warps=num_warps,
+        CAST_FP32=cast_fp32, DOT_PREC=dot_prec, num_warps=num_warps,
     )

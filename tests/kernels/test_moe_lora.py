@@ -93,11 +93,16 @@ def test_k_split_and_tile_partials(device: str, split: int, block_n: int) -> Non
 
 
 def test_no_adapter_tokens_cost_nothing_and_change_nothing(device: str) -> None:
-    """Every slot -1: the LoRA launches do no work and the output equals the base kernel bit for bit."""
+    """Every slot -1: the LoRA launches do no work and the output equals the base kernel (bit for bit under
+    the interpreter; on a GPU the two compiled kernels may order the MMA sums differently)."""
     T, H, I, E, k = 9, 32, 24, 4, 2
     x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.float32, device)
     lora = make_lora(T, H, I, E, [4, 4], torch.full((T,), -1, dtype=torch.int32), torch.float32, device, (1,))
-    assert torch.equal(fused_moe(x, w13, w2, w, ids, lora), fused_moe(x, w13, w2, w, ids))
+    got, base = fused_moe(x, w13, w2, w, ids, lora), fused_moe(x, w13, w2, w, ids)
+    if device == "cpu":
+        assert torch.equal(got, base)
+    else:
+        assert (got - base).abs().max().item() <= 1e-6 * base.abs().max().item()
 
 
 def test_rejects_bad_slab(device: str) -> None:
