@@ -24,12 +24,12 @@ from lorax.errors import AdapterError, ConfigError
 from lorax.inference.config import EngineConfig, ModelConfig
 from lorax.inference.kv_cache import KVCache, plan_num_blocks
 from lorax.inference.lora_pool import LoraPool, check_adapter
-from lorax.inference.model_runner import ModelRunner, StepResult
+from lorax.inference.model_runner import ModelRunner
 from lorax.inference.models import model_class
 from lorax.inference.scheduler import Scheduler
 from lorax.inference.sequence import Sequence, Status
 from lorax.inference.tokenizer import IncrementalDetokenizer, Tokenizer
-from lorax.inference.types import GenerateRequest, RequestOutput, TokenLogprob
+from lorax.inference.types import GenerateRequest, RequestOutput
 from lorax.inference.weights import dummy_weights, load_weights
 from lorax.kernels.registry import get_ops
 
@@ -152,6 +152,16 @@ class LLM:
         self.kv_cache = KVCache(mcfg, num_blocks, cfg.block_size, self.dtype, self.device)
         self.kv_cache.attach([layer.attn for layer in self.model.layers])
 
+        gib = 2.0**-30
+        log.info(
+            "%s on %s (%s, %s kernels): weights %.2f GiB, LoRA slab %.2f GiB (%d slots x rank %d, %d adapters), "
+            "KV cache %d blocks x %d tokens (%.2f GiB), max_model_len %d",
+            model, self.device, str(self.dtype).removeprefix("torch."), self.ops.name,
+            sum(t.numel() * t.element_size() for t in params.values()) * gib,
+            (self.pool.nbytes if self.pool else 0) * gib, cfg.max_loras, cfg.max_lora_rank, len(host_adapters),
+            num_blocks, cfg.block_size, sum(t.numel() * t.element_size() for t in self.kv_cache.k + self.kv_cache.v) * gib,
+            max_len,
+        )
         self.scheduler = Scheduler(
             self.kv_cache.allocator, self.pool, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens
         )
@@ -272,40 +282,17 @@ class LLM:
         result = self.runner.step(batch)
         self.scheduler.commit(batch)
         for row, seq in enumerate(result.seqs):
-            if self._append(seq, row, result):
+            logprob = result.logprob[row] if result.logprob is not None else None
+            top = None
+            if result.top_ids is not None and result.top_logprobs is not None:
+                top = list(zip(result.top_ids[row], result.top_logprobs[row], strict=True))
+            if seq.append(result.ids[row], self.eos_token_ids, self.max_model_len, logprob, top):
                 self.scheduler.finish(seq)
                 outputs.append(self._output(seq))
         return outputs
 
-    def _append(self, seq: Sequence, row: int, result: StepResult) -> bool:
-        """Record one sampled token; True when the sequence is finished."""
-        token = result.ids[row]
-        seq.tokens.append(token)
-        sp = seq.sampling
-        if seq.logprobs is not None and result.logprob is not None:
-            top: list[tuple[int, float]] = []
-            if result.top_ids is not None and result.top_logprobs is not None and sp.logprobs:
-                top = list(zip(result.top_ids[row][: sp.logprobs], result.top_logprobs[row][: sp.logprobs], strict=True))
-            seq.logprobs.append(TokenLogprob(token, result.logprob[row], top))
-        if seq.detok is not None:
-            new = seq.detok.add(token)
-            if sp.stop and new:
-                text = seq.detok.text
-                window = len(new) + max(len(s) for s in sp.stop)
-                start = max(0, len(text) - window)
-                hits = [i for i in (text.find(s, start) for s in sp.stop) if i >= 0]
-                if hits:
-                    seq.text = text[: min(hits)]
-                    seq.finish_reason = "stop"
-                    return True
-            seq.text = seq.detok.text
-        if (not sp.ignore_eos and token in self.eos_token_ids) or token in sp.stop_token_ids:
-            seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
-        return seq.finish_reason is not None
-
     def _output(self, seq: Sequence) -> RequestOutput:
+        now = time.monotonic()
         return RequestOutput(
             request_id=seq.request_id,
             adapter=seq.adapter,
@@ -314,7 +301,14 @@ class LLM:
             text=seq.text,
             finish_reason=seq.finish_reason,
             logprobs=seq.logprobs,
-            metrics={"index": seq.index, "num_preemptions": seq.num_preemptions, "finished_at": time.time()},
+            metrics={
+                "index": seq.index,
+                "num_prompt_tokens": len(seq.prompt_ids),
+                "num_output_tokens": len(seq.output_ids),
+                "num_preemptions": seq.num_preemptions,
+                "time_to_first_token_s": (seq.first_token_time or now) - seq.arrival_time,
+                "latency_s": now - seq.arrival_time,
+            },
         )
 
     @torch.inference_mode()

@@ -221,6 +221,17 @@ class LoraPool:
         self._remember(name, adapter)
         return adapter
 
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the slab (every slot, every layer)."""
+        seen: dict[int, torch.Tensor] = {}
+        for slab, _ in self._dense.values():
+            seen[id(slab.A)], seen[id(slab.B)] = slab.A, slab.B
+        for moe in self._moe.values():
+            for t in _slab_tensors(moe):
+                seen[id(t)] = t
+        return sum(t.numel() * t.element_size() for t in seen.values())
+
     # ---- slots -----------------------------------------------------------------------------------
     @property
     def has_slabs(self) -> bool:
