@@ -22,8 +22,10 @@ Two schedules (picked by the launcher from the host token count, or forced with 
 - "fused" (decode and small prefill): one launch; every program recomputes the shrink
   z = x_rows @ A_slice^T (BLOCK_M x R, K = in) for its own slice and expands it into its output
   tile. The recompute is cheap while BLOCK_M is small and saves a launch and a round trip for z.
-- "split" (large T): a shrink launch writes z [T, n_slices * R] in fp32 (rows in sorted order), then
-  an expand launch reads it. `scratch=` takes a preallocated fp32 buffer of at least T x n_slices*R.
+- "split" (large T): a shrink launch writes z [SPLIT_K, T, n_slices * R] in fp32 (rows in sorted
+  order; K cut into SPLIT_K ranges so that enough programs have work, each range to its own slab, so
+  the sum is deterministic), then an expand launch sums the slabs and expands. `scratch=` takes a
+  preallocated fp32 buffer for z.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def _lora_shrink_kernel(
     # pointers
     x_ptr,  # [T, K] activations
     a_ptr,  # [S, N_SLICES * R, K] LoRA A slab
-    z_ptr,  # [T, N_SLICES * R] fp32 out, row = position in sorted order
+    z_ptr,  # [SPLIT_K, T, N_SLICES * R] fp32 partial sums, row = position in sorted order
     sorted_ptr,  # [T] int32 token rows sorted by slot
     seg_start_ptr,  # [S] int32
     seg_len_ptr,  # [S] int32
@@ -121,21 +123,24 @@ def _lora_shrink_kernel(
     # sizes
     K,
     R,  # rank stride between slices (the slab's max rank)
+    k_per_split,  # K columns per split, a multiple of BLOCK_K
     # strides
     stride_xt, stride_xk,
     stride_as, stride_ar, stride_ak,
-    stride_zt, stride_zr,
+    stride_zs, stride_zt, stride_zr,
     # meta
+    SPLIT_K: tl.constexpr,  # K is cut into SPLIT_K ranges, each written to its own z slab (no atomics)
     HAS_RANK: tl.constexpr,
     CAST_FP32: tl.constexpr,  # interpreter: bf16 tl.dot is wrong there
-    DOT_PREC: tl.constexpr,  # \"ieee\" for fp32 inputs (no silent tf32), else \"tf32\" (unused by bf16/fp16)
+    DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else "tf32" (unused by bf16/fp16)
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,  # next power of two >= R, >= 16
     BLOCK_K: tl.constexpr,
 ):
     slot = tl.program_id(0)
     pid_m = tl.program_id(1)
-    slice_idx = tl.program_id(2)
+    slice_idx = tl.program_id(2) // SPLIT_K
+    split = tl.program_id(2) % SPLIT_K
     seg_len = tl.load(seg_len_ptr + slot)
     if pid_m * BLOCK_M >= seg_len:
         return  # empty segment or rows past it: exit before any load
@@ -151,12 +156,15 @@ def _lora_shrink_kernel(
     mask_r = offs_r < rank
     offs_k = tl.arange(0, BLOCK_K)
 
-    x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + (k_lo + offs_k)[None, :] * stride_xk
     a_rows = (slice_idx * R + offs_r).to(tl.int64)
-    a_ptrs = a_ptr + slot.to(tl.int64) * stride_as + a_rows[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    a_ptrs = (a_ptr + slot.to(tl.int64) * stride_as + a_rows[None, :] * stride_ar
+              + (k_lo + offs_k)[:, None] * stride_ak)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        mask_k = offs_k < k_hi - k0
         xb = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         ab = tl.load(a_ptrs, mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
         if CAST_FP32:
@@ -167,7 +175,7 @@ def _lora_shrink_kernel(
         a_ptrs += BLOCK_K * stride_ak
 
     pos = (seg_start + offs_m).to(tl.int64)
-    z_ptrs = z_ptr + pos[:, None] * stride_zt + (slice_idx * R + offs_r)[None, :] * stride_zr
+    z_ptrs = z_ptr + split * stride_zs + pos[:, None] * stride_zt + (slice_idx * R + offs_r)[None, :] * stride_zr
     tl.store(z_ptrs, acc, mask=mask_m[:, None] & (offs_r < R)[None, :])
 
 
@@ -176,7 +184,7 @@ def _lora_expand_kernel(
     # pointers
     x_ptr,  # [T, K] activations (read only when SHRINK_INLINE)
     a_ptr,  # [S, N_SLICES * R, K] (read only when SHRINK_INLINE)
-    z_ptr,  # [T, N_SLICES * R] fp32 from the shrink launch (read only when not SHRINK_INLINE)
+    z_ptr,  # [SPLIT_K, T, N_SLICES * R] fp32 from the shrink launch (read only when not SHRINK_INLINE)
     b_ptr,  # [S, N_out, R] LoRA B slab
     y_ptr,  # [T, N_out] updated in place
     tiles_ptr,  # [n_tiles, 3] int32: (slice, first column, slice end column)
@@ -187,14 +195,15 @@ def _lora_expand_kernel(
     # strides
     stride_xt, stride_xk,
     stride_as, stride_ar, stride_ak,
-    stride_zt, stride_zr,
+    stride_zs, stride_zt, stride_zr,
     stride_bs, stride_bn, stride_br,
     stride_yt, stride_yn,
     # meta
+    SPLIT_K: tl.constexpr,  # z slabs to sum (deterministic split-K of the shrink)
     SHRINK_INLINE: tl.constexpr,
     HAS_RANK: tl.constexpr,
     CAST_FP32: tl.constexpr,
-    DOT_PREC: tl.constexpr,  # \"ieee\" for fp32 inputs (no silent tf32), else \"tf32\" (unused by bf16/fp16)
+    DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else "tf32" (unused by bf16/fp16)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -241,7 +250,9 @@ def _lora_expand_kernel(
     else:
         pos = (seg_start + offs_m).to(tl.int64)
         z_ptrs = z_ptr + pos[:, None] * stride_zt + (slice_idx * R + offs_r)[None, :] * stride_zr
-        z = tl.load(z_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for ks in tl.static_range(SPLIT_K):
+            z += tl.load(z_ptrs + ks * stride_zs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     z = tl.where(mask_r[None, :], z, 0.0)  # ranks past slot_rank contribute nothing
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -302,6 +313,13 @@ def tuned_config(file: str, device: torch.device, shape_key: str, n: int) -> dic
     return dict(by_bucket[str(next((b for b in buckets if b >= n), buckets[-1]))])
 
 
+def shrink_split_k(T: int, S: int, n_slices: int, K: int, block_m: int, block_k: int) -> int:
+    """Split the shrink's K loop until about two programs per SM (132 on an H100) have work: busy
+    programs ~ (m-blocks + slots) * slices, and a split keeps at least two BLOCK_K steps."""
+    busy = (triton.cdiv(T, block_m) + min(S, T)) * n_slices
+    return max(1, min(264 // max(busy, 1), triton.cdiv(K, 2 * block_k)))
+
+
 def lora_config(T: int, out_total: int, mode: str) -> dict[str, int]:
     """Block sizes by token count. The fused schedule walks K once per output tile, so it takes long
     K steps (few loop trips at decode); the split expand has K = R and wants wide output tiles."""
@@ -354,9 +372,11 @@ def lora_linear(
     """Triton `lora_linear`: y += per-slot LoRA delta, in place; returns y.
 
     batch: the step's `build_lora_batch(token_slot, S)` (built here when None).
-    scratch: fp32 buffer with >= T * n_slices * R elements for the split schedule (allocated when None).
+    scratch: fp32 buffer with >= SPLIT_K * T * n_slices * R elements for the split schedule (allocated
+        when None; SPLIT_K <= cdiv(K, 2 * BLOCK_K), see `shrink_split_k`).
     mode: "auto" | "fused" | "split".
-    config: block sizes overriding `lora_config` (keys BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages);
+    config: block sizes overriding `lora_config` (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
+        num_stages);
         without it, a measured entry of kernels/configs/lora_sgemm.json for this GPU and shape (which may
         also pick the schedule under mode="auto") overrides the defaults.
     """
@@ -392,34 +412,38 @@ def lora_linear(
     cast = _interpreting()
     grid_m = triton.cdiv(T, block_m)
 
+    split_k = 1
     if mode == "split":
-        need = T * n_slices * R
+        split_k = cfg.get("SPLIT_K") or shrink_split_k(T, S, n_slices, K, block_m, block_k)
+        k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+        split_k = triton.cdiv(K, k_per_split)
+        need = split_k * T * n_slices * R
         if scratch is None:
-            z = torch.empty(T, n_slices * R, dtype=torch.float32, device=x.device)
+            z = torch.empty(split_k, T, n_slices * R, dtype=torch.float32, device=x.device)
         else:
             if scratch.dtype != torch.float32 or scratch.numel() < need:
                 raise ValueError(f"lora_linear: scratch must be fp32 with >= {need} elements")
-            z = scratch.reshape(-1)[:need].view(T, n_slices * R)
-        _lora_shrink_kernel[(S, grid_m, n_slices)](
+            z = scratch.reshape(-1)[:need].view(split_k, T, n_slices * R)
+        _lora_shrink_kernel[(S, grid_m, n_slices * split_k)](
             x, A, z, batch.sorted_tokens, batch.seg_start, batch.seg_len, rank_arg,
-            K, R,
+            K, R, k_per_split,
             x.stride(0), x.stride(1),
             A.stride(0), A.stride(1), A.stride(2),
-            z.stride(0), z.stride(1),
-            HAS_RANK=slot_rank is not None, CAST_FP32=cast, DOT_PREC=_dot_precision(x.dtype),
+            z.stride(0), z.stride(1), z.stride(2),
+            SPLIT_K=split_k, HAS_RANK=slot_rank is not None, CAST_FP32=cast, DOT_PREC=_dot_precision(x.dtype),
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, **launch,
         )
     else:
-        z = y  # unused pointer in the fused schedule
+        z = y.unsqueeze(0)  # unused pointer in the fused schedule
     _lora_expand_kernel[(S, grid_m, tiles.shape[0])](
         x, A, z, B, y, tiles, batch.sorted_tokens, batch.seg_start, batch.seg_len, rank_arg,
         K, R,
         x.stride(0), x.stride(1),
         A.stride(0), A.stride(1), A.stride(2),
-        z.stride(0), z.stride(1),
+        z.stride(0), z.stride(1), z.stride(2),
         B.stride(0), B.stride(1), B.stride(2),
         y.stride(0), y.stride(1),
-        SHRINK_INLINE=mode == "fused", HAS_RANK=slot_rank is not None, CAST_FP32=cast, DOT_PREC=_dot_precision(x.dtype),
+        SPLIT_K=split_k, SHRINK_INLINE=mode == "fused", HAS_RANK=slot_rank is not None, CAST_FP32=cast, DOT_PREC=_dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k, **launch,
     )
     return y

@@ -72,6 +72,17 @@ def test_lora_linear_matches_ref(T, K, slices, S, R, kind, mode, device):
     assert torch.equal(got[untouched], y0[untouched])  # -1 rows bit-identical
 
 
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k_shrink(split_k, device):
+    # K cut into ranges (the last one short) whose partial sums the expand adds up.
+    x, y, A, B, offs, slot = _problem(12, 70, (24, 8, 8), 3, 16, torch.float32, device, "mixed")
+    expect = lora_linear_ref(x, y.clone(), A, B, offs, slot)
+    scratch = torch.full((split_k * 12 * 48,), float("nan"), device=device)  # every slab read is written first
+    lora_linear(x, y, A, B, offs, slot, mode="split", scratch=scratch,
+                config={"SPLIT_K": split_k, "BLOCK_K": 16, "BLOCK_M": 16})
+    torch.testing.assert_close(y, expect, atol=1e-4, rtol=1e-4)
+
+
 def test_fp16_and_strided_views(device):
     # y is a column slice of a wider output and x a strided view, as a fused qkv layer would pass.
     T, K, S, R = 11, 48, 3, 16
