@@ -233,6 +233,8 @@ class LLM:
             return self._refuse(req, [], f"unknown adapter {req.adapter!r} (loaded: {known})")
         if (req.prompt is None) == (req.prompt_token_ids is None):
             return self._refuse(req, [], "give exactly one of prompt / prompt_token_ids")
+        if req.prompt == "":
+            return self._refuse(req, [], "empty prompt")
         if req.prompt is not None:
             if self._tokenizer is None:
                 return self._refuse(req, [], "the model has no tokenizer; give prompt_token_ids")
