@@ -126,4 +126,6 @@ def test_hub_repo_id_from_offline_cache(tmp_path: Path) -> None:
     assert info["moe_format"] == "per-expert" and info["usable"] and commit in info["weights"]
     proc = subprocess.run([sys.executable, "-c", code, "someorg/absent"], env=env, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode != 0 and "someorg/absent: could not fetch" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert not info["usable"] and "someorg/absent: could not fetch" in info["errors"][0]
