@@ -152,7 +152,7 @@ def _time(fns: list[Callable[[], object]], device: torch.device, graph: bool) ->
 
     if graph:
         try:
-            return triton.testing.do_bench_cudagraph(run, rep=50, return_mode="median") / len(fns)
+            return triton.testing.do_bench_cudagraph(run, rep=30, return_mode="median") / len(fns)
         except Exception:  # a call that syncs cannot be captured: time it eagerly below
             torch.cuda.synchronize()
     return triton.testing.do_bench(run, warmup=5, rep=50, return_mode="median") / len(fns)
