@@ -67,3 +67,22 @@ def test_dummy_weights_are_random_and_seeded(tmp_path: Path) -> None:
         assert t.abs().sum() > 0, f"dummy {name} is all zeros"
         assert torch.equal(t, wb[name]), f"dummy {name} not reproducible from the seed"
     assert any(not torch.equal(t, wc[n]) for n, t in wa.items())
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("bfloat16", 3e-2), ("float16", 5e-3)])  # seen: 1.1e-2, 1.4e-3
+def test_half_precision_runs_close_to_fp32(dtype: str, tol: float, tmp_path: Path) -> None:
+    """bf16/fp16 engine (with an adapter in the batch) stays near the fp32 reference: 16-bit rounding."""
+    from .lora_utils import merged, random_adapter
+
+    hf = build_hf("qwen2_moe")
+    path = save(hf, tmp_path / "m")
+    ad = random_adapter(hf, "a", rank=4, scale=0.1)
+    llm = LLM(str(path), adapters={"a": ad}, **{**ENGINE, "dtype": dtype}, max_model_len=64)
+    for name, oracle in ((None, hf), ("a", merged(hf, ad))):
+        ours = llm.prompt_logits(GenerateRequest("p", prompt_token_ids=PROMPTS[2], adapter=name))
+        ref = hf_logits(oracle, PROMPTS[2])
+        err = (ours - ref).abs().max().item() / ref.abs().max().item()
+        assert err < tol, f"{dtype} adapter {name}: logits differ by {err:.2e}"
+    outs = llm.generate([GenerateRequest(str(i), prompt_token_ids=p, adapter="a", sampling=_greedy(4))
+                         for i, p in enumerate(PROMPTS)])
+    assert all(o.error is None and len(o.token_ids) == 4 for o in outs)
