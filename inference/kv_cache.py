@@ -61,13 +61,17 @@ def plan_num_blocks(mcfg: ModelConfig, ecfg: EngineConfig, max_model_len: int, d
     per_block = bytes_per_block(mcfg, ecfg.block_size, dtype)
     if ecfg.num_kv_blocks is not None:
         return ecfg.num_kv_blocks
+    # Never more blocks than max_num_seqs sequences of max_model_len tokens can use (plus the dummy).
+    wanted = ecfg.max_num_seqs * -(-max_model_len // ecfg.block_size) + 1
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
+        # Memory this process's caching allocator holds but does not use (an earlier engine's cache) is
+        # free for this one too.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = int(total * ecfg.gpu_memory_utilization) - (total - free) - scratch_bytes(mcfg, ecfg, dtype)
-        n = budget // per_block
+        n = min(wanted, budget // per_block)
         log.info("KV cache: %d blocks (%.2f GiB) after weights and adapters", n, n * per_block / 2**30)
     else:
-        wanted = ecfg.max_num_seqs * -(-max_model_len // ecfg.block_size) + 1
         n = min(wanted, max(_CPU_CACHE_BYTES // per_block, -(-max_model_len // ecfg.block_size) + 1))
     if n < 2:
         raise ConfigError(

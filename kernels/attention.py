@@ -453,7 +453,7 @@ def paged_attention(
         return out
     cast = _interpreting()
     group = n_h // n_kv
-    block_d = triton.next_power_of_2(D)
+    block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16; lanes past D are masked
     qk_scale = float(scale) * LOG2E
     common_strides = (
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
