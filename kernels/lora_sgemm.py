@@ -332,6 +332,38 @@ def lora_config(T: int, out_total: int, mode: str) -> dict[str, int]:
                 num_warps=4, num_stages=3)
 
 
+def _plan(
+    T: int, K: int, S: int, R: int, n_slices: int, out_total: int, device: torch.device, mode: str,
+    config: dict[str, int] | None,
+) -> tuple[str, dict[str, int], int, int]:
+    """(schedule, block config, SPLIT_K, K columns per split) from host sizes only."""
+    tuned = {} if config is not None else tuned_config("lora_sgemm.json", device, f"K{K}_N{out_total}_R{R}", T)
+    picked = tuned.pop("mode", None)
+    if mode == "auto":
+        mode = picked or ("fused" if T <= FUSED_MAX_TOKENS else "split")
+    if mode not in ("fused", "split"):
+        raise ValueError(f"lora_linear: unknown mode {mode!r}")
+    cfg = {**lora_config(T, out_total, mode), **tuned, **(config or {})}
+    if _interpreting():
+        cfg["num_stages"] = 1
+    if mode == "fused":
+        return mode, cfg, 1, K
+    split_k = cfg.get("SPLIT_K") or shrink_split_k(T, S, n_slices, K, cfg["BLOCK_M"], cfg["BLOCK_K"])
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+    return mode, cfg, triton.cdiv(K, k_per_split), k_per_split
+
+
+def lora_scratch_numel(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slice_offsets: tuple[int, ...],
+                       mode: str = "auto", config: dict[str, int] | None = None) -> int:
+    """fp32 elements of `scratch` one `lora_linear` call on these shapes needs (0 for the fused
+    schedule): what a CUDA-graph runner allocates once per captured token count."""
+    T, K = x.shape
+    S, R = A.shape[0], B.shape[2]
+    n = len(slice_offsets) - 1
+    mode, _, split_k, _ = _plan(T, K, S, R, n, int(slice_offsets[-1]), x.device, mode, config)
+    return 0 if mode == "fused" else split_k * T * n * R
+
+
 def _check(
     x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
     slice_offsets: tuple[int, ...], token_slot: torch.Tensor,
@@ -372,12 +404,11 @@ def lora_linear(
     """Triton `lora_linear`: y += per-slot LoRA delta, in place; returns y.
 
     batch: the step's `build_lora_batch(token_slot, S)` (built here when None).
-    scratch: fp32 buffer with >= SPLIT_K * T * n_slices * R elements for the split schedule (allocated
-        when None; SPLIT_K <= cdiv(K, 2 * BLOCK_K), see `shrink_split_k`).
+    scratch: fp32 buffer of >= `lora_scratch_numel(...)` elements for the split schedule (allocated
+        when None).
     mode: "auto" | "fused" | "split".
     config: block sizes overriding `lora_config` (keys BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps,
-        num_stages);
-        without it, a measured entry of kernels/configs/lora_sgemm.json for this GPU and shape (which may
+        num_stages); without it, a measured entry of kernels/configs/lora_sgemm.json for this GPU and shape (which may
         also pick the schedule under mode="auto") overrides the defaults.
     """
     slice_offsets = tuple(int(o) for o in slice_offsets)
@@ -394,16 +425,7 @@ def lora_linear(
                          f"layer has {S} slots / {T} tokens")
     if slot_rank is not None and (slot_rank.shape != (S,) or slot_rank.dtype != torch.int32):
         raise ValueError(f"lora_linear: slot_rank must be [S={S}] int32")
-    tuned = {} if config is not None else tuned_config("lora_sgemm.json", x.device, f"K{K}_N{slice_offsets[-1]}_R{R}", T)
-    if mode == "auto":
-        mode = tuned.pop("mode", "fused" if T <= FUSED_MAX_TOKENS else "split")
-    tuned.pop("mode", None)
-    if mode not in ("fused", "split"):
-        raise ValueError(f"lora_linear: unknown mode {mode!r}")
-
-    cfg = {**lora_config(T, slice_offsets[-1], mode), **tuned, **(config or {})}
-    if _interpreting():
-        cfg["num_stages"] = 1
+    mode, cfg, split_k, k_per_split = _plan(T, K, S, R, n_slices, slice_offsets[-1], x.device, mode, config)
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     block_r = max(16, triton.next_power_of_2(R))
@@ -412,11 +434,7 @@ def lora_linear(
     cast = _interpreting()
     grid_m = triton.cdiv(T, block_m)
 
-    split_k = 1
     if mode == "split":
-        split_k = cfg.get("SPLIT_K") or shrink_split_k(T, S, n_slices, K, block_m, block_k)
-        k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-        split_k = triton.cdiv(K, k_per_split)
         need = split_k * T * n_slices * R
         if scratch is None:
             z = torch.empty(split_k, T, n_slices * R, dtype=torch.float32, device=x.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorax.kernels.lora_sgemm import build_lora_batch, lora_linear, lora_linear_ref
+from lorax.kernels.lora_sgemm import build_lora_batch, lora_linear, lora_linear_ref, lora_scratch_numel
 
 # dtype -> (atol, rtol) for y after the add; the kernel rounds once, the reference once per slice.
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 4e-2)}
@@ -77,9 +77,11 @@ def test_split_k_shrink(split_k, device):
     # K cut into ranges (the last one short) whose partial sums the expand adds up.
     x, y, A, B, offs, slot = _problem(12, 70, (24, 8, 8), 3, 16, torch.float32, device, "mixed")
     expect = lora_linear_ref(x, y.clone(), A, B, offs, slot)
-    scratch = torch.full((split_k * 12 * 48,), float("nan"), device=device)  # every slab read is written first
-    lora_linear(x, y, A, B, offs, slot, mode="split", scratch=scratch,
-                config={"SPLIT_K": split_k, "BLOCK_K": 16, "BLOCK_M": 16})
+    cfg = {"SPLIT_K": split_k, "BLOCK_K": 16, "BLOCK_M": 16}
+    numel = lora_scratch_numel(x, A, B, offs, mode="split", config=cfg)
+    assert numel == split_k * 12 * 48  # SPLIT_K slabs of [T, 3 slices * R]
+    scratch = torch.full((numel,), float("nan"), device=device)  # every slab read is written first
+    lora_linear(x, y, A, B, offs, slot, mode="split", scratch=scratch, config=cfg)
     torch.testing.assert_close(y, expect, atol=1e-4, rtol=1e-4)
 
 
