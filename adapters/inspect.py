@@ -78,7 +78,8 @@ def inspect_adapter(source: str, base: str | None = None, *, revision: str | Non
         "base_model": opened.config.get("base_model_name_or_path"),
         "unsupported": sorted(plan.extra),
     }
-    if plan.moe_format == "fused" and "peft_version" not in opened.config and b_packing is None:
+    said = b_packing is not None or "peft_version" in opened.config or "lorax_b_packing" in opened.config
+    if plan.moe_format == "fused" and not said:
         warnings.append("fused expert B is read rank-major (PEFT's packing, column j*E + e); a trainer that "
                         "packs B expert-major needs --b-packing expert-major (the file cannot tell)")
     if plan.moe_format == "per-expert" and s.use_rslora:

@@ -172,6 +172,7 @@ class AdapterWriter:
             "modules_to_save": None,
             "lorax_layout": self.layout,
             "lorax_expert_naming": self.naming,
+            "lorax_b_packing": "rank-major",  # fused B as PEFT packs it (column j*E + e)
         }
 
     def close(self) -> Path:
