@@ -170,7 +170,7 @@ class RequestBuilder:
             if k in _OPENAI_KEYS or k in _OPENAI_IGNORED:
                 continue
             if k in _OPENAI_NEUTRAL:
-                if v != _OPENAI_NEUTRAL[k] and v is not None:
+                if v != _OPENAI_NEUTRAL[k] and v not in (None, {}, []):
                     raise LineFailure("unsupported_parameter", f"body.{k}={v!r} is not supported (only {_OPENAI_NEUTRAL[k]!r})")
                 continue
             raise LineFailure("unsupported_parameter", f"body.{k} is not supported")
