@@ -136,10 +136,17 @@ class ModelRunner:
         if not sampled:
             return StepResult([], [])
         out: SampleOutput = sample(logits, self._sampling_batch(sampled))
-        result = StepResult(sampled, out.ids.tolist())  # the step's one device->host sync
-        if out.logprob is not None:
-            result.logprob = out.logprob.tolist()
+        if out.logprob is None:
+            return StepResult(sampled, out.ids.tolist())  # the step's one device->host sync
+        # With logprobs, everything travels in one fp32 copy: [ids | logprob | top ids | top logprobs]
+        # (token ids < 2^24 are exact in fp32).
+        cols = [out.ids.float()[:, None], out.logprob[:, None]]
         if out.top_ids is not None and out.top_logprobs is not None:
-            result.top_ids = out.top_ids.tolist()
-            result.top_logprobs = out.top_logprobs.tolist()
+            cols += [out.top_ids.float(), out.top_logprobs]
+        rows = torch.cat(cols, dim=1).tolist()
+        k = (len(rows[0]) - 2) // 2
+        result = StepResult(sampled, [int(r[0]) for r in rows], logprob=[r[1] for r in rows])
+        if k > 0:
+            result.top_ids = [[int(t) for t in r[2 : 2 + k]] for r in rows]
+            result.top_logprobs = [r[2 + k :] for r in rows]
         return result
