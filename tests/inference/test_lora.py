@@ -98,16 +98,23 @@ def test_evicted_slot_is_zeroed_in_place(tmp_path: Path) -> None:
     assert [b.data_ptr() for b in buffers] == ptrs
 
 
-def test_peft_adapter_matches_peft_merge(tmp_path: Path) -> None:
-    """A PEFT adapter on q/k/v/o and the fused experts (target_parameters), read by lorax.adapters."""
+# arch -> extra PEFT target_modules (dense MLP layers of Qwen3-MoE, the Qwen2-MoE shared expert)
+PEFT_CASES = {"qwen3_moe": ["gate_proj", "up_proj", "down_proj"], "qwen2_moe": ["gate_proj", "up_proj", "down_proj"],
+              "mixtral": [], "olmoe": []}
+
+
+@pytest.mark.parametrize("arch", list(PEFT_CASES))
+def test_peft_adapter_matches_peft_merge(arch: str, tmp_path: Path) -> None:
+    """A PEFT adapter on q/k/v/o (+ dense MLPs) and the fused experts (target_parameters), read by
+    lorax.adapters; the oracle is PEFT's merge_and_unload."""
     peft = pytest.importorskip("peft")
-    hf = build_hf("qwen3_moe")
+    hf = build_hf(arch)
     path = save(hf, tmp_path / "base")
     cfg = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", *PEFT_CASES[arch]],
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
     )
-    pm = peft.get_peft_model(build_hf("qwen3_moe"), cfg)
+    pm = peft.get_peft_model(build_hf(arch), cfg)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:
