@@ -200,6 +200,7 @@ class LoraPool:
         self.refcount = [0] * self.S
         self.last_used = [0] * self.S
         self._tick = 0
+        self.num_loads = 0  # slot loads so far (how much the scheduler made the pool thrash)
 
     # ---- host side -------------------------------------------------------------------------------
     def _remember(self, name: str, adapter: CanonicalAdapter) -> None:
@@ -281,6 +282,7 @@ class LoraPool:
     def _load(self, slot: int, name: str) -> None:
         adapter = self._host_adapter(name)
         self.evict(slot)
+        self.num_loads += 1
         for key, pair in adapter.dense.items():
             slab, idx = self._dense[key]
             slab.put(slot, idx, pair)

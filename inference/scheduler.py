@@ -115,15 +115,20 @@ class Scheduler:
                 budget -= n
         # 2. admit waiting requests while tokens, sequence slots and blocks last
         skipped: list[Sequence] = []
+        blocked: set[str] = set()  # adapters that found no slot in this call (skip without asking again)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed, budget)
+            if seq.adapter in blocked:
+                skipped.append(self.waiting.popleft())
+                continue
             if self._blocks_needed(seq, n) > self.allocator.num_free:
                 break  # keep arrival order for blocks: later requests do not jump a long prompt
             slot = -1
             if seq.adapter is not None and self.pool is not None:
                 got = self.pool.acquire(seq.adapter)
                 if got is None:  # every slot pinned by other adapters' running requests
+                    blocked.add(seq.adapter)
                     skipped.append(self.waiting.popleft())
                     continue
                 slot = got

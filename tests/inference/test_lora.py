@@ -80,6 +80,20 @@ def test_more_adapters_than_slots(tmp_path: Path) -> None:
     assert llm.pool is not None and llm.pool.refcount == [0]
 
 
+def test_interleaved_adapters_are_grouped_not_thrashed(tmp_path: Path) -> None:
+    """One slot, requests alternating between two adapters: each adapter is loaded once."""
+    hf = build_hf("qwen3_moe_nonorm")
+    adapters = _adapters(hf)
+    llm = LLM(str(save(hf, tmp_path / "m")), adapters=adapters, **ENGINE, max_model_len=32, max_loras=1,
+              max_lora_rank=8)
+    names = ["per_expert", "shared_outer"] * 4
+    sp = SamplingParams(max_tokens=3, ignore_eos=True)
+    outs = llm.generate([GenerateRequest(str(i), prompt_token_ids=[i + 1, 2], adapter=n, sampling=sp)
+                         for i, n in enumerate(names)])
+    assert all(o.error is None and len(o.token_ids) == 3 for o in outs)
+    assert llm.pool is not None and llm.pool.num_loads == 2
+
+
 def test_evicted_slot_is_zeroed_in_place(tmp_path: Path) -> None:
     hf = build_hf("qwen3_moe_nonorm")
     llm = LLM(str(save(hf, tmp_path / "m")), adapters=_adapters(hf), **ENGINE, max_model_len=32,
