@@ -280,6 +280,9 @@ class LLM:
         outputs, self._early = self._early, []
         batch = self.scheduler.schedule()
         if batch is None:
+            if self.scheduler.has_unfinished() and not outputs:
+                # max_model_len fits the cache and slots free as requests finish, so this is a bug.
+                raise RuntimeError("the scheduler could not schedule any waiting request")
             return outputs
         result = self.runner.step(batch)
         self.scheduler.commit(batch)
