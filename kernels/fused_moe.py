@@ -124,6 +124,7 @@ def _gate_up_kernel(
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_SHARED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
+    SG: tl.constexpr,  # slots stacked per LoRA dot (power of two)
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # each program owns BLOCK_N gate columns and the matching BLOCK_N up columns of one block of pairs
@@ -162,62 +163,67 @@ def _gate_up_kernel(
             wg_ptrs += BLOCK_K * stride_wh
             wu_ptrs += BLOCK_K * stride_wh
         if HAS_LORA:
-            # gate_up expand before the activation: h += [B_gate z_gate ; B_up z_up] per present slot
+            # gate_up expand before the activation: h += [B_gate z_gate ; B_up z_up]. Slots are stacked
+            # SG at a time along the dot's K axis (column g*BLOCK_R + r holds z[:, r] of the rows whose
+            # slot is s0 + g, zero elsewhere): one dot and one masked tile load per group, no per-slot
+            # branches, so the B loads of all present slots are in flight together.
             slot = tl.load(token_slot_ptr + token, mask=mask_m, other=-1)
             has = slot >= 0
             any_lora = tl.max(has.to(tl.int32), axis=0) > 0  # blocks without adapter rows skip it all
-            offs_r = tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
+            offs_q = tl.arange(0, SG * BLOCK_R)
+            q_s = offs_q // BLOCK_R  # slot (within the group) of stacked column q
+            q_r = offs_q % BLOCK_R  # rank index of stacked column q
             if any_lora:
-                # sum the shrink's K-split partials (unrolled: independent loads, issued together)
-                z_ptrs = zgu_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R) + offs_r[None, :]
-                zg = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-                zu = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-                for sp in tl.static_range(SPLIT):
-                    zg += tl.load(z_ptrs + sp * 2 * BLOCK_R, mask=has[:, None], other=0.0)
-                    zu += tl.load(z_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=has[:, None], other=0.0)
-                if HAS_SHARED:
-                    zs_ptrs = zsh_ptr + token[:, None] * (SPLIT * 2 * BLOCK_R) + offs_r[None, :]
-                    for sp in tl.static_range(SPLIT):
-                        zg += tl.load(zs_ptrs + sp * 2 * BLOCK_R, mask=has[:, None], other=0.0)
-                        zu += tl.load(zs_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=has[:, None], other=0.0)
-                b_off = (expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
-                         + offs_r[:, None] * stride_br)
-                m_b = mask_r[:, None] & mask_n[None, :]
-                for s in range(0, S):
-                    in_s = slot == s
-                    if tl.max(in_s.to(tl.int32), axis=0) > 0:
-                        bg = tl.load(gu_b_ptr + s * stride_bs + b_off, mask=m_b, other=0.0)  # [BLOCK_R, BLOCK_N]
-                        bu = tl.load(gu_b_ptr + s * stride_bs + b_off + I * stride_bn, mask=m_b, other=0.0)
-                        zgs = tl.where(in_s[:, None], zg, 0.0)
-                        zus = tl.where(in_s[:, None], zu, 0.0)
+                z_ptrs = zgu_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R) + q_r[None, :]
+                zs_ptrs = zsh_ptr + token[:, None] * (SPLIT * 2 * BLOCK_R) + q_r[None, :]
+                b_ptrs = (gu_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+                          + q_r[:, None] * stride_br)  # [SG*BLOCK_R, BLOCK_N]
+                for s0 in range(0, S, SG):
+                    sel = slot[:, None] == (s0 + q_s)[None, :]  # [BLOCK_M, SG*BLOCK_R]
+                    present = tl.max(sel.to(tl.int32), axis=0) > 0  # [SG*BLOCK_R]
+                    if tl.max(present.to(tl.int32), axis=0) > 0:
+                        # the shrink's K-split partials, read straight into the stacked layout
+                        zg = tl.zeros([BLOCK_M, SG * BLOCK_R], dtype=tl.float32)
+                        zu = tl.zeros([BLOCK_M, SG * BLOCK_R], dtype=tl.float32)
+                        for sp in tl.static_range(SPLIT):
+                            zg += tl.load(z_ptrs + sp * 2 * BLOCK_R, mask=sel, other=0.0)
+                            zu += tl.load(z_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=sel, other=0.0)
+                            if HAS_SHARED:
+                                zg += tl.load(zs_ptrs + sp * 2 * BLOCK_R, mask=sel, other=0.0)
+                                zu += tl.load(zs_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=sel, other=0.0)
+                        m_b = (present & (q_r < R))[:, None] & mask_n[None, :]
+                        bs_ptrs = b_ptrs + (s0 + q_s).to(tl.int64)[:, None] * stride_bs
+                        bg = tl.load(bs_ptrs, mask=m_b, other=0.0)
+                        bu = tl.load(bs_ptrs + I * stride_bn, mask=m_b, other=0.0)
                         if CAST_FP32:
                             bg = bg.to(tl.float32)
                             bu = bu.to(tl.float32)
-                        else:
-                            zgs = zgs.to(bg.dtype)
-                            zus = zus.to(bu.dtype)
-                        acc_g = tl.dot(zgs, bg, acc_g, input_precision=DOT_PREC)
-                        acc_u = tl.dot(zus, bu, acc_u, input_precision=DOT_PREC)
+                        acc_g = tl.dot(zg.to(bg.dtype), bg, acc_g, input_precision=DOT_PREC)
+                        acc_u = tl.dot(zu.to(bu.dtype), bu, acc_u, input_precision=DOT_PREC)
         act = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(act_ptr.dtype.element_ty)
         tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :], act,
                  mask=mask_m[:, None] & mask_n[None, :])
         if HAS_LORA:  # noqa: SIM102 - a constexpr test, then a runtime one
             if any_lora:
-                # down shrink, partial over this I tile: zdp[n, pid_n] = down_A[s, e][:, tile] a[n, tile]
+                # down shrink, partial over this I tile: zdp[n, pid_n] = down_A[s, e][:, tile] a[n, tile],
+                # one stacked dot per slot group, then each row keeps its own slot's column block
                 zd = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-                d_off = (expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di
-                         + offs_r[None, :] * stride_dr)
-                m_d = mask_n[:, None] & mask_r[None, :]
-                for s in range(0, S):
-                    in_s = slot == s
-                    if tl.max(in_s.to(tl.int32), axis=0) > 0:
-                        da = tl.load(d_a_ptr + s * stride_ds + d_off, mask=m_d, other=0.0)  # [BLOCK_N, BLOCK_R]
-                        a_s = tl.where(in_s[:, None], act, 0.0).to(da.dtype)
+                da_ptrs = (d_a_ptr + expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di
+                           + q_r[None, :] * stride_dr)  # [BLOCK_N, SG*BLOCK_R]
+                a_op = act
+                if CAST_FP32:
+                    a_op = act.to(tl.float32)
+                for s0 in range(0, S, SG):
+                    sel = slot[:, None] == (s0 + q_s)[None, :]
+                    present = tl.max(sel.to(tl.int32), axis=0) > 0
+                    if tl.max(present.to(tl.int32), axis=0) > 0:
+                        m_d = mask_n[:, None] & (present & (q_r < R))[None, :]
+                        da = tl.load(da_ptrs + (s0 + q_s).to(tl.int64)[None, :] * stride_ds, mask=m_d, other=0.0)
                         if CAST_FP32:
-                            a_s = a_s.to(tl.float32)
                             da = da.to(tl.float32)
-                        zd = tl.dot(a_s, da, zd, input_precision=DOT_PREC)
+                        zw = tl.where(sel, tl.dot(a_op, da, input_precision=DOT_PREC), 0.0)  # [BLOCK_M, SG*R]
+                        zd += tl.sum(tl.reshape(zw, [BLOCK_M, SG, BLOCK_R]), axis=1)
+                offs_r = tl.arange(0, BLOCK_R)
                 zdp_ptrs = zdp_ptr + (rows.to(tl.int64)[:, None] * num_pid_n + pid_n) * BLOCK_R + offs_r[None, :]
                 tl.store(zdp_ptrs, zd, mask=has[:, None])
 
@@ -242,6 +248,7 @@ def _down_kernel(
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_R: tl.constexpr, NT_CHUNK: tl.constexpr,
+    SG: tl.constexpr,
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(H, BLOCK_N)
@@ -276,32 +283,40 @@ def _down_kernel(
             slot = tl.load(token_slot_ptr + rows // TOPK, mask=mask_m, other=-1)
             has = slot >= 0
             if tl.max(has.to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it all
-                offs_r = tl.arange(0, BLOCK_R)
-                mask_r = offs_r < R
-                # sum the gate_up kernel's per-I-tile partials, NT_CHUNK tiles per vector load
+                # z_d = sum of the gate_up kernel's per-I-tile partials, read (NT_CHUNK tiles per vector
+                # load) straight into the slot-stacked layout, then one stacked dot with down_B per group
+                offs_q = tl.arange(0, SG * BLOCK_R)
+                q_s = offs_q // BLOCK_R
+                q_r = offs_q % BLOCK_R
                 offs_t = tl.arange(0, NT_CHUNK)
-                z_ptrs = (zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R) + offs_t[None, :, None] * BLOCK_R
-                          + offs_r[None, None, :])  # [BLOCK_M, NT_CHUNK, BLOCK_R]
-                zd = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-                for t0 in range(0, NT_GU, NT_CHUNK):
-                    m_z = has[:, None, None] & (t0 + offs_t < NT_GU)[None, :, None]
-                    zd += tl.sum(tl.load(z_ptrs + t0 * BLOCK_R, mask=m_z, other=0.0), axis=1)
-                b_off = (expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
-                         + offs_r[:, None] * stride_br)
-                for s in range(0, S):
-                    in_s = slot == s
-                    if tl.max(in_s.to(tl.int32), axis=0) > 0:
-                        db = tl.load(d_b_ptr + s * stride_bs + b_off, mask=mask_r[:, None] & mask_n[None, :],
-                                     other=0.0)
-                        zds = tl.where(in_s[:, None], zd, 0.0)
+                zp_ptrs = (zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R) + offs_t[None, :, None] * BLOCK_R
+                           + q_r[None, None, :])  # [BLOCK_M, NT_CHUNK, SG*BLOCK_R]
+                db_ptrs = (d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+                           + q_r[:, None] * stride_br)  # [SG*BLOCK_R, BLOCK_N]
+                for s0 in range(0, S, SG):
+                    sel = slot[:, None] == (s0 + q_s)[None, :]
+                    present = tl.max(sel.to(tl.int32), axis=0) > 0
+                    if tl.max(present.to(tl.int32), axis=0) > 0:
+                        db = tl.load(db_ptrs + (s0 + q_s).to(tl.int64)[:, None] * stride_bs,
+                                     mask=(present & (q_r < R))[:, None] & mask_n[None, :], other=0.0)
+                        zw = tl.zeros([BLOCK_M, SG * BLOCK_R], dtype=tl.float32)
+                        for t0 in range(0, NT_GU, NT_CHUNK):
+                            m_z = sel[:, None, :] & (t0 + offs_t < NT_GU)[None, :, None]
+                            zw += tl.sum(tl.load(zp_ptrs + t0 * BLOCK_R, mask=m_z, other=0.0), axis=1)
                         if CAST_FP32:
                             db = db.to(tl.float32)
-                        else:
-                            zds = zds.to(db.dtype)
-                        acc = tl.dot(zds, db, acc, input_precision=DOT_PREC)
+                        acc = tl.dot(zw.to(db.dtype), db, acc, input_precision=DOT_PREC)
                 if HAS_SHARED:  # noqa: SIM102 - a constexpr test, then a runtime one
                     if pid_n == 0:
-                        # rows of pairs without an adapter are not written: the top-k sum never uses them
+                        # w * z_d per pair for the shared-outer expand in the top-k sum (narrow layout);
+                        # rows of pairs without an adapter are not written: the top-k sum masks them
+                        offs_r = tl.arange(0, BLOCK_R)
+                        zn_ptrs = (zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R)
+                                   + offs_t[None, :, None] * BLOCK_R + offs_r[None, None, :])
+                        zd = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+                        for t0 in range(0, NT_GU, NT_CHUNK):
+                            m_z = has[:, None, None] & (t0 + offs_t < NT_GU)[None, :, None]
+                            zd += tl.sum(tl.load(zn_ptrs + t0 * BLOCK_R, mask=m_z, other=0.0), axis=1)
                         tl.store(zdw_ptr + rows64[:, None] * BLOCK_R + offs_r[None, :], zd * w[:, None],
                                  mask=has[:, None])
         acc = acc * w[:, None]
@@ -541,6 +556,10 @@ def fused_moe(
         moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, topk, bm, cfg["SPLIT"],
                         buf.zgu, buf.zsh if has_shared else None, cast_fp32=cast, dot_prec=prec)
     nt_gu = triton.cdiv(I, cfg["BLOCK_N_GU"])
+    # slots stacked per LoRA dot: K = SG * BLOCK_R <= 64 and BLOCK_M * K <= 1024 keep the stacked
+    # operands in registers (ptxas: no spills at BLOCK_M 16..64 on sm_90)
+    sg = min(triton.next_power_of_2(max(S, 1)), max(1, 64 // br), max(1, 1024 // (bm * br)))
+    nt_chunk = max(1, min(triton.next_power_of_2(nt_gu), 4096 // (bm * sg * br)))
     _gate_up_kernel[(max_blocks * nt_gu,)](
         x, w13, buf.act, align.sorted_ids, align.block_expert, align.num_padded,
         slot, buf.zgu, buf.zsh, gu_b, d_a, buf.zdp,
@@ -548,7 +567,7 @@ def fused_moe(
         x.stride(0), x.stride(1), *w13.stride(), buf.act.stride(0),
         *(gu_b.stride() if has_lora else (0, 0, 0, 0)), *(d_a.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=cfg["BLOCK_K_GU"], GROUP_M=cfg["GROUP_M"],
-        HAS_LORA=has_lora, HAS_SHARED=has_shared, SPLIT=cfg["SPLIT"], BLOCK_R=br,
+        HAS_LORA=has_lora, HAS_SHARED=has_shared, SPLIT=cfg["SPLIT"], BLOCK_R=br, SG=sg,
         EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, DOT_PREC=prec, **launch,
     )
     _down_kernel[(max_blocks * triton.cdiv(H, cfg["BLOCK_N_D"]),)](
@@ -558,7 +577,7 @@ def fused_moe(
         buf.act.stride(0), *w2.stride(), buf.ypair.stride(0),
         *(d_b.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_D"], BLOCK_K=cfg["BLOCK_K_D"], GROUP_M=cfg["GROUP_M"],
-        HAS_LORA=has_lora, HAS_SHARED=has_shared, BLOCK_R=br, NT_CHUNK=min(8, triton.next_power_of_2(nt_gu)),
+        HAS_LORA=has_lora, HAS_SHARED=has_shared, BLOCK_R=br, NT_CHUNK=nt_chunk, SG=sg,
         EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, DOT_PREC=prec, **launch,
     )
     block_t = 16

@@ -56,6 +56,7 @@ CASES = [
     ("sentinel ids with adapters", 12, 4, 2, [4, 8], "mixed", (), -1, 6),
     ("shared-outer mixed with standard", 10, 4, 2, [4, 8, 4], "mixed", (0, 2), 0, 4),
     ("shared-outer, sentinels", 9, 3, 3, [8], "mixed", (0,), -1, 4),
+    ("slots in two stacked groups", 14, 4, 2, [8, 4, 8, None, 2, 8], "mixed", (1, 4), -1, 4),
 ]
 
 
