@@ -41,6 +41,7 @@ PREFILL_CASES = [
     ([21, 7, 9], [6, 0, 9], 2, 2, 24, 8, True),  # chunked (prefix cached), q_len 0, MHA, odd head dim
     ([19], [19], 8, 1, 16, 16, False),  # MQA, bound from T
     ([33, 3], [17, 1], 4, 1, 16, 4, False),  # mixed: a chunk and a decode row in one launch
+    ([12], [7], 4, 2, 8, 4, True),  # head dim 8 (the demo model): lanes padded to tl.dot's 16
 ]
 
 
@@ -59,6 +60,7 @@ DECODE_CASES = [
     ([1, 17, 40], [1, 1, 1], 4, 2, 16, 4, 3),  # split-K with a reduce
     ([50, 2, 9], [1, 0, 1], 8, 1, 16, 8, 4),  # q_len 0 row skipped; splits past short contexts exit
     ([64], [1], 2, 2, 24, 16, 2),  # odd head dim, MHA
+    ([9, 30], [1, 1], 4, 2, 8, 4, 2),  # head dim 8
 ]
 
 
@@ -135,6 +137,17 @@ def test_rejects_bad_metadata(device):
         paged_attention(q[:, :3], kc, vc, tables, ctx, qsl, 0.25)
     with pytest.raises(ValueError, match="int64"):
         store_kv(q[:, :2], q[:, :2], kc, vc, torch.zeros(5, dtype=torch.int32, device=device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [8, 24, 64])
+def test_small_and_odd_head_dims_gpu(D):
+    # Head dims below tl.dot's 16 and non-powers of two compile and match on the GPU.
+    for ctx_lens, q_lens, mql in (([40, 7], [40, 7], None), ([300, 9], [1, 1], 1)):
+        q, kc, vc, tables, ctx, qsl = _setup(ctx_lens, q_lens, 4, 2, D, 16, torch.bfloat16, "cuda")
+        expect = paged_attention_ref(q, kc, vc, tables, ctx, qsl, D**-0.5)
+        got = paged_attention(q, kc, vc, tables, ctx, qsl, D**-0.5, max_query_len=mql, num_splits=2 if mql else None)
+        torch.testing.assert_close(got, expect, atol=TOL[torch.bfloat16][0], rtol=TOL[torch.bfloat16][1])
 
 
 # GPU: Qwen3-30B-A3B attention (32 q heads, 4 kv heads, head dim 128), block size 16.
