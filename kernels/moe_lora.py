@@ -110,31 +110,41 @@ def _shrink_rows(
     H, S, R, k_chunk,
     stride_xt, stride_xh, stride_a_s, stride_a_r, stride_a_h,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
-    CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    SG: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """out[row, pid_k] = (gate z, up z) of A[slot(row)] x_token over this program's K chunk."""
+    """out[row, pid_k] = (gate z, up z) of A[slot(row)] x_token over this program's K chunk.
+
+    Slots are stacked SG at a time along the dot's N axis (column g*BLOCK_R + r = row r of slot s0 + g's
+    A, zero when that slot is absent from the block), so one K loop serves every slot of a group; each
+    row then keeps the column block of its own slot.
+    """
     pid_k = tl.program_id(1)
     slot = tl.load(token_slot_ptr + token, mask=mask_m, other=-1)
     offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
+    offs_q = tl.arange(0, SG * BLOCK_R)
+    q_s = offs_q // BLOCK_R
+    q_r = offs_q % BLOCK_R
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = pid_k * k_chunk
     k_hi = tl.minimum(H, k_lo + k_chunk)
     x_rows = x_ptr + token.to(tl.int64)[:, None] * stride_xt
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R) + pid_k * 2 * BLOCK_R + offs_r[None, :]
-    for s in range(0, S):
-        in_s = slot == s
-        if tl.max(in_s.to(tl.int32), axis=0) > 0:  # slot s present in this block: read its A once
-            a_s = a_ptr + s * stride_a_s
-            acc_g = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for s0 in range(0, S, SG):
+        sel = slot[:, None] == (s0 + q_s)[None, :]  # [BLOCK_M, SG*BLOCK_R]
+        present = tl.max(sel.to(tl.int32), axis=0) > 0  # [SG*BLOCK_R]
+        if tl.max(present.to(tl.int32), axis=0) > 0:  # some slot of the group is in this block
+            rows_in = tl.max(sel.to(tl.int32), axis=1) > 0  # rows whose slot is in the group
+            # A rows [0, R) gate, [R, 2R) up, read transposed and stacked: [BLOCK_K, SG*BLOCK_R]
+            a_cols = a_ptr + (s0 + q_s).to(tl.int64)[None, :] * stride_a_s + q_r[None, :] * stride_a_r
+            m_q = (present & (q_r < R))[None, :]
+            acc_g = tl.zeros([BLOCK_M, SG * BLOCK_R], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, SG * BLOCK_R], dtype=tl.float32)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 ks = k0 + offs_k
                 mask_k = ks < k_hi
-                xt = tl.load(x_rows + ks[None, :] * stride_xh, mask=in_s[:, None] & mask_k[None, :], other=0.0)
-                # A rows [0, R) gate, [R, 2R) up, read transposed as [BLOCK_K, BLOCK_R]
-                ag_ptrs = a_s + offs_r[None, :] * stride_a_r + ks[:, None] * stride_a_h
-                m_a = mask_k[:, None] & mask_r[None, :]
+                xt = tl.load(x_rows + ks[None, :] * stride_xh, mask=rows_in[:, None] & mask_k[None, :], other=0.0)
+                ag_ptrs = a_cols + ks[:, None] * stride_a_h
+                m_a = mask_k[:, None] & m_q
                 ag = tl.load(ag_ptrs, mask=m_a, other=0.0)
                 au = tl.load(ag_ptrs + R * stride_a_r, mask=m_a, other=0.0)
                 if CAST_FP32:
@@ -143,9 +153,11 @@ def _shrink_rows(
                     au = au.to(tl.float32)
                 acc_g = tl.dot(xt, ag, acc_g, input_precision=DOT_PREC)
                 acc_u = tl.dot(xt, au, acc_u, input_precision=DOT_PREC)
-            m_out = in_s[:, None] & (offs_r[None, :] < BLOCK_R)
-            tl.store(out_ptrs, acc_g, mask=m_out)
-            tl.store(out_ptrs + BLOCK_R, acc_u, mask=m_out)
+            zg = tl.sum(tl.reshape(tl.where(sel, acc_g, 0.0), [BLOCK_M, SG, BLOCK_R]), axis=1)
+            zu = tl.sum(tl.reshape(tl.where(sel, acc_u, 0.0), [BLOCK_M, SG, BLOCK_R]), axis=1)
+            m_out = rows_in[:, None] & (offs_r[None, :] < BLOCK_R)
+            tl.store(out_ptrs, zg, mask=m_out)
+            tl.store(out_ptrs + BLOCK_R, zu, mask=m_out)
 
 
 @triton.jit
@@ -166,6 +178,7 @@ def _moe_lora_shrink_kernel(
     stride_ss, stride_sr, stride_sh,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+    SG: tl.constexpr,  # slots stacked per dot (power of two)
     HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # grid: (max_blocks [+ token blocks when HAS_SHARED], SPLIT)
@@ -181,7 +194,7 @@ def _moe_lora_shrink_kernel(
                 x_ptr, gu_a_ptr + expert.to(tl.int64) * stride_ae, zgu_ptr, token_slot_ptr,
                 rows, rows < N, rows // TOPK, H, S, R, k_chunk,
                 stride_xt, stride_xh, stride_as, stride_ar, stride_ah,
-                BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, CAST_FP32, DOT_PREC,
+                BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, SG, CAST_FP32, DOT_PREC,
             )
     elif HAS_SHARED:
         # role 2: one block of tokens against the shared-outer A (once per token, not per pair)
@@ -190,7 +203,7 @@ def _moe_lora_shrink_kernel(
             x_ptr, sh_a_ptr, zsh_ptr, token_slot_ptr,
             tok_rows, tok_rows < T, tok_rows, H, S, R, k_chunk,
             stride_xt, stride_xh, stride_ss, stride_sr, stride_sh,
-            BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, CAST_FP32, DOT_PREC,
+            BLOCK_M, BLOCK_K, BLOCK_R, SPLIT, SG, CAST_FP32, DOT_PREC,
         )
 
 
@@ -239,5 +252,6 @@ def moe_lora_shrink(
         *lora.gate_up_A.stride(),
         *sh_strides,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, SPLIT=split, HAS_SHARED=has_shared,
+        SG=min(triton.next_power_of_2(max(S, 1)), max(1, 64 // br), max(1, 1024 // (block_m * br))),
         CAST_FP32=cast_fp32, DOT_PREC=dot_prec, num_warps=num_warps,
     )
