@@ -146,6 +146,11 @@ class ModelConfig:
                 f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
 
+        quant = raw.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+            raise ConfigError(f"{source}: quantized checkpoints ({method}) are not supported; use bf16/fp16/fp32 weights")
+
         def need(key: str) -> Any:
             if raw.get(key) is None:
                 raise ConfigError(f"{source}: missing required field {key!r} for model_type {model_type}")

@@ -76,6 +76,7 @@ def test_rope_scaling_matches_transformers(rope: dict) -> None:
         ({"model_type": "llama", "vocab_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1}, "hidden_size"),
         ({**_hf("LlamaConfig"), "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "yarn"),
         ({**_hf("MixtralConfig"), "num_experts_per_tok": 9}, "num_experts_per_tok"),
+        ({**_hf("Qwen3MoeConfig"), "quantization_config": {"quant_method": "fp8"}}, "quantized checkpoints"),
     ],
 )
 def test_from_hf_errors(raw: dict, match: str) -> None:
