@@ -248,6 +248,8 @@ class LLM:
             return self._refuse(req, [], "give exactly one of prompt / prompt_token_ids")
         if req.prompt == "":
             return self._refuse(req, [], "empty prompt")
+        if sp.stop and self._tokenizer is None:
+            return self._refuse(req, [], "stop strings need a tokenizer (the model has no tokenizer.json)")
         if req.prompt is not None:
             if self._tokenizer is None:
                 return self._refuse(req, [], "the model has no tokenizer; give prompt_token_ids")
@@ -354,7 +356,8 @@ class LLM:
         return torch.cat(chunks)
 
     def generate(self, requests: list[GenerateRequest], use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run requests to completion; results in input order (failed requests carry .error)."""
+        """Run requests to completion; results in input order (failed requests carry .error).
+        Drains the engine: outputs of requests added earlier with add_request are dropped."""
         first = self._next_index
         for req in requests:
             self._add(req)

@@ -49,6 +49,9 @@ def test_prompt_text_without_tokenizer_is_a_request_error(tmp_path: Path) -> Non
     llm = LLM(str(save(build_hf("qwen3_moe_nonorm"), tmp_path / "m")), **ENGINE, max_model_len=16)
     out = llm.generate([GenerateRequest("t", prompt="hello")])[0]
     assert out.error is not None and "tokenizer" in out.error
+    sp = SamplingParams(stop=["x"])
+    out = llm.generate([GenerateRequest("s", prompt_token_ids=[1, 2], sampling=sp)])[0]
+    assert out.error is not None and "stop strings need a tokenizer" in out.error
     with pytest.raises(ConfigError, match="tokenizer"):
         _ = llm.tokenizer
 
