@@ -33,6 +33,9 @@ class ForwardContext:
     max_query_len: int  # host: the longest q_len in the step (1 on decode steps)
     slot_rank: torch.Tensor | None = None  # [S] int32, rank of the adapter in each slot (0 = empty)
     lora_batch: Any = None  # the Triton backend's per-step LoraBatch (tokens grouped by slot), or None
+    # uint8 workspace every MoE layer's fused_moe may use in turn (layers run one after another); None =
+    # the kernel allocates. A graph runner sizes it once with kernels.fused_moe.fused_moe_scratch_bytes.
+    moe_scratch: torch.Tensor | None = None
 
 
 _CURRENT: ForwardContext | None = None

@@ -80,7 +80,7 @@ class SparseMoE(nn.Module):
         ctx = get_forward_context()
         weights, ids = self.route(x)
         lora = self.lora.args(ctx.token_slot) if (ctx.has_lora and self.lora is not None) else None
-        y = self.ops.fused_moe(x, self.w13, self.w2, weights, ids, lora)
+        y = self.ops.fused_moe(x, self.w13, self.w2, weights, ids, lora, scratch=ctx.moe_scratch)
         if self.shared is not None and self.shared_gate is not None:
             y = y + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x)
         return y
