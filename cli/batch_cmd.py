@@ -120,7 +120,7 @@ def run_batch(
     _log(summary.line(), quiet)
     if summary.errors:
         _log(f"{summary.errors} line(s) failed: see {err_path}", quiet)
-    return 130 if summary.interrupted else 0
+    return 128 + (summary.signal or 2) if summary.interrupted else 0  # 130 after Ctrl-C, 143 after SIGTERM
 
 
 @app.command("batch-run")

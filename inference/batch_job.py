@@ -81,6 +81,7 @@ class JobSummary:
     completion_tokens: int = 0
     elapsed_s: float = 0.0
     interrupted: bool = False
+    signal: int = 0  # the signal that stopped the job (SIGINT or SIGTERM), 0 if none
     truncated_bytes: int = 0  # torn tail cut from earlier files
     max_in_flight_seen: int = 0
 
@@ -101,6 +102,7 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.set = False
+        self.signum = 0
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _StopFlag:
@@ -113,6 +115,7 @@ class _StopFlag:
         if self.set:
             raise KeyboardInterrupt
         self.set = True
+        self.signum = signum
         print("\nstopping: finishing writes (press Ctrl-C again to abort at once)", file=sys.stderr)
 
     def __exit__(self, *exc: Any) -> None:
@@ -285,7 +288,7 @@ class _Job:
                     if self.bar is not None:
                         rate = s.completion_tokens / max(time.monotonic() - self.t0, 1e-9)
                         self.bar.set_postfix_str(f"{rate:.0f} tok/s, {s.errors} errors", refresh=False)
-                s.interrupted = stop.set
+                s.interrupted, s.signal = stop.set, stop.signum
         finally:
             s.unfinished = len(self.inflight)
             self.out_f.close()

@@ -148,15 +148,16 @@ def test_kill_9_then_resume_gives_one_record_per_line(tmp_path: Path) -> None:
     _check_one_record_per_line(out, err, 300, 3)
 
 
-def test_ctrl_c_stops_cleanly_with_exit_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_stops_cleanly(tmp_path: Path, sig: signal.Signals, code: int) -> None:
     inp = write_lines(tmp_path / "in.jsonl", lines_for(300))
     out, err = tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
     args = [str(inp), "-o", str(out), "--model", "m", "--max-num-seqs", "4", *[f"--adapter={a}=x" for a in ADAPTERS if a]]
     proc = _run_fake(args, delay=0.004)
     _wait_for_records(out, 30, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
     assert "interrupted:" in stderr and "rerun to resume" in stderr
     assert out.read_bytes().endswith(b"\n")  # finished writing: no torn line
     n_first = len(read_jsonl(out))
