@@ -9,7 +9,7 @@ One run measures, on the same device and the same prompts:
 Every step of a pass is timed on the host around `LLM.step()`; the step ends with the sampled ids'
 device->host copy, so the wall time of a step is its device time plus the host scheduling around it.
 The scheduler's batch is read through a wrapper around `scheduler.schedule` (no engine edits), and the
-byte / FLOP model of each step (`step_cost.py` conventions from ../shared/BENCHMARKS.md) is applied
+byte / FLOP model of each step (bench_cost.py, after ../shared/BENCHMARKS.md) is applied
 after the timed region.
 """
 
@@ -430,42 +430,3 @@ def _versions() -> dict[str, str]:
         out["triton"] = "none"
     return out
 
-
-def format_report(r: dict[str, Any]) -> str:
-    m, wl, eng = r["model"], r["workload"], r["engine"]
-    cut = f" (CUT from {m['full_layers']} layers: per-layer figures below)" if m["cut"] else ""
-    lines = [
-        f"lorax bench throughput  {r['date']}  {r['device']}  torch {r['versions']['torch']}  "
-        f"triton {r['versions']['triton']}",
-        f"command: {r['command']}",
-        f"model: {m['model_type']} hidden {m['hidden']}, {m['layers']} layers{cut}, {m['heads']}/{m['kv_heads']} heads "
-        f"x {m['head_dim']}, {m['experts']} experts top-{m['top_k']} x {m['moe_intermediate']}, vocab {m['vocab']}, "
-        f"{m['dtype']}",
-        f"engine: {eng['kernels']} kernels, cuda graphs {'on' if eng['cuda_graphs'] else 'off'}, "
-        f"max_num_seqs {eng.get('max_num_seqs', 64)}, start-up {eng['startup_s']:.1f} s",
-        f"workload: {wl['num_prompts']} prompts x {wl['input_len']} in / {wl['output_len']} out (ignore_eos, greedy), "
-        f"{wl['adapters']} adapters rank {wl['rank']} (q/k/v/o + every expert)",
-        f"copy bandwidth: {r['copy_gbs']:.0f} GB/s (read + write)",
-        "",
-        f"{'pass':<12} {'total s':>8} {'req/s':>8} {'in tok/s':>10} {'out tok/s':>10} {'decode B':>8} "
-        f"{'step ms':>8} {'ms/layer':>8} {'GB/s':>7} {'%copy':>6} {'prefill TF/s':>12}",
-    ]
-    for s in r["passes"].values():
-        dec = "decode_step_ms" in s
-        lines.append(
-            f"{s['label']:<12} {s['total_s']:>8.2f} {s['requests_per_s']:>8.2f} {s['input_tok_per_s']:>10.0f} "
-            f"{s['output_tok_per_s']:>10.0f} {s.get('decode_batch', '-'):>8} "
-            + (f"{s['decode_step_ms']:>8.2f} {s['decode_step_ms_per_layer']:>8.3f} {s['decode_hbm_gbs']:>7.0f} "
-               f"{100 * s['decode_hbm_fraction_of_copy']:>5.0f}%" if dec else f"{'-':>8} {'-':>8} {'-':>7} {'-':>6}")
-            + f" {s.get('prefill_tflops', float('nan')):>12.1f}"
-        )
-    lines.append("")
-    lines += [f"{k}: {v:.3f}" for k, v in r["ratios"].items()]
-    hf = r.get("baseline_hf")
-    if hf:
-        lines.append(
-            f"transformers {hf['transformers']} + peft {hf['peft']}: {hf['output_tok_per_s']:.1f} out tok/s over "
-            f"{hf['batches_run']}/{hf['batches_total']} sub-batches of <= {hf['batch_size']} (one adapter each), "
-            f"{hf['total_s']:.1f} s"
-        )
-    return "\n".join(lines)

@@ -41,6 +41,12 @@ def build_hf_model(config: dict[str, Any], adapter_names: list[str], rank: int, 
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():  # explicit random weights (never zeros or uninitialised memory), drawn on device
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+            if name.endswith("norm.weight"):
+                p.add_(1.0)
     lora = peft.LoraConfig(
         r=rank, lora_alpha=rank, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -49,7 +55,6 @@ def build_hf_model(config: dict[str, Any], adapter_names: list[str], rank: int, 
     pm = peft.get_peft_model(model, lora, adapter_name=adapter_names[0], autocast_adapter_dtype=False)
     for name in adapter_names[1:]:
         pm.add_adapter(name, lora)
-    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_" in name:
