@@ -13,11 +13,24 @@ Contract of `fused_moe` (Triton) and `fused_moe_ref`:
 
 from __future__ import annotations
 
+import json
+import os
+from functools import cache
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+import triton
 
-from lorax.kernels.moe_align import virtual_expert_ids_ref
-from lorax.kernels.moe_lora import MoELoraArgs, moe_lora_down_ref, moe_lora_gate_up_ref
+from lorax.kernels.fused_moe_kernels import _down_kernel, _gate_up_kernel, _topk_sum_kernel
+from lorax.kernels.moe_align import interpreting, moe_align, virtual_expert_ids_ref
+from lorax.kernels.moe_lora import (
+    MoELoraArgs,
+    lora_block_r,
+    moe_lora_down_ref,
+    moe_lora_gate_up_ref,
+    moe_lora_shrink,
+)
 
 
 def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
@@ -67,321 +80,14 @@ def fused_moe_ref(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Triton implementation. Launches: moe_align (3 + memset), [LoRA shrink], gate_up GEMM, down GEMM, top-k
-# sum. Every GEMM walks the aligned blocks; blocks past the device-side num_padded exit first.
+# Triton path. Launches: moe_align (1 on decode, else 3 + a memset), [LoRA shrink], gate_up GEMM, down
+# GEMM, top-k sum (kernels in fused_moe_kernels.py). No host sync anywhere: CUDA-graph safe.
 # ----------------------------------------------------------------------------------------------------
-
-import json  # noqa: E402
-import os  # noqa: E402
-from functools import cache  # noqa: E402
-from typing import NamedTuple  # noqa: E402
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from lorax.kernels.moe_align import interpreting, moe_align  # noqa: E402
-from lorax.kernels.moe_lora import lora_block_r, moe_lora_shrink  # noqa: E402
-
-
-@triton.jit
-def _block_rows(pid, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, num_pid_n, N,
-                GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Grouped (pid_m, pid_n) order, this block's live flag, expert and pair rows."""
-    num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)  # device-side count of live blocks
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    group = tl.minimum(num_pid_m - first_m, GROUP_M)
-    group = tl.maximum(group, 1)
-    pid_m = first_m + (pid % width) % group
-    pid_n = (pid % width) // group
-    live = pid_m < num_pid_m
-    expert = tl.load(block_expert_ptr + pid_m, mask=live, other=-1)
-    rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M), mask=live, other=N)
-    # the grid is sized from the host bound (max blocks), so the last live group also gets programs
-    # whose pid_n runs past num_pid_n: they must not run (they would write other rows' partials)
-    return live & (expert >= 0) & (pid_n < num_pid_n), expert, rows, pid_n
-
-
-@triton.jit
-def _gate_up_kernel(
-    # pointers
-    x_ptr,  # [T, H]
-    w13_ptr,  # [E, 2I, H]
-    act_ptr,  # [N, I] out: silu(gate) * up, rows indexed by pair
-    sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-    token_slot_ptr,  # [T] int32 (LoRA)
-    zgu_ptr,  # [N, SPLIT, 2, BLOCK_R] fp32 shrink partials (LoRA)
-    zsh_ptr,  # [T, SPLIT, 2, BLOCK_R] fp32 shared-outer shrink partials (HAS_SHARED)
-    gu_b_ptr,  # [S, E, 2I, R] (LoRA)
-    d_a_ptr,  # [S, E, R, I] (LoRA)
-    zdp_ptr,  # [N, num_pid_n, BLOCK_R] fp32 out: down-shrink partials of this I tile (LoRA)
-    # sizes
-    N, TOPK, H, I, S, R,
-    # strides
-    stride_xt, stride_xh, stride_we, stride_wn, stride_wh, stride_am,
-    stride_bs, stride_be, stride_bn, stride_br,
-    stride_ds, stride_de, stride_dr, stride_di,
-    # meta
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_SHARED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
-    SG: tl.constexpr,  # slots stacked per LoRA dot (power of two)
-    EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    # each program owns BLOCK_N gate columns and the matching BLOCK_N up columns of one block of pairs
-    num_pid_n = tl.cdiv(I, BLOCK_N)
-    ok, expert, rows, pid_n = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr,
-                                          num_padded_ptr, num_pid_n, N, GROUP_M, BLOCK_M)
-    if ok:
-        mask_m = rows < N
-        token = (rows // TOPK).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < I
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xh
-        wg_ptrs = (w13_ptr + expert.to(tl.int64) * stride_we
-                   + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wh)  # [BLOCK_K, BLOCK_N]
-        wu_ptrs = wg_ptrs + I * stride_wn
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            if EVEN_K:
-                xt = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-                wg = tl.load(wg_ptrs, mask=mask_n[None, :], other=0.0)
-                wu = tl.load(wu_ptrs, mask=mask_n[None, :], other=0.0)
-            else:
-                mask_k = offs_k < H - k0
-                xt = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                wg = tl.load(wg_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                wu = tl.load(wu_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if CAST_FP32:
-                xt = xt.to(tl.float32)
-                wg = wg.to(tl.float32)
-                wu = wu.to(tl.float32)
-            acc_g = tl.dot(xt, wg, acc_g, input_precision=DOT_PREC)
-            acc_u = tl.dot(xt, wu, acc_u, input_precision=DOT_PREC)
-            x_ptrs += BLOCK_K * stride_xh
-            wg_ptrs += BLOCK_K * stride_wh
-            wu_ptrs += BLOCK_K * stride_wh
-        if HAS_LORA:
-            # gate_up expand before the activation: h += [B_gate z_gate ; B_up z_up]. Slots are stacked
-            # SG at a time along the dot's K axis (column g*BLOCK_R + r holds z[:, r] of the rows whose
-            # slot is s0 + g, zero elsewhere): one dot and one masked tile load per group, no per-slot
-            # branches, so the B loads of all present slots are in flight together.
-            slot = tl.load(token_slot_ptr + token, mask=mask_m, other=-1)
-            has = slot >= 0
-            any_lora = tl.max(has.to(tl.int32), axis=0) > 0  # blocks without adapter rows skip it all
-            offs_q = tl.arange(0, SG * BLOCK_R)
-            q_s = offs_q // BLOCK_R  # slot (within the group) of stacked column q
-            q_r = offs_q % BLOCK_R  # rank index of stacked column q
-            if any_lora:
-                z_ptrs = zgu_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R) + q_r[None, :]
-                zs_ptrs = zsh_ptr + token[:, None] * (SPLIT * 2 * BLOCK_R) + q_r[None, :]
-                b_ptrs = (gu_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
-                          + q_r[:, None] * stride_br)  # [SG*BLOCK_R, BLOCK_N]
-                for s0 in range(0, S, SG):
-                    sel = slot[:, None] == (s0 + q_s)[None, :]  # [BLOCK_M, SG*BLOCK_R]
-                    present = tl.max(sel.to(tl.int32), axis=0) > 0  # [SG*BLOCK_R]
-                    if tl.max(present.to(tl.int32), axis=0) > 0:
-                        # the shrink's K-split partials, read straight into the stacked layout
-                        zg = tl.zeros([BLOCK_M, SG * BLOCK_R], dtype=tl.float32)
-                        zu = tl.zeros([BLOCK_M, SG * BLOCK_R], dtype=tl.float32)
-                        for sp in tl.static_range(SPLIT):
-                            zg += tl.load(z_ptrs + sp * 2 * BLOCK_R, mask=sel, other=0.0)
-                            zu += tl.load(z_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=sel, other=0.0)
-                            if HAS_SHARED:
-                                zg += tl.load(zs_ptrs + sp * 2 * BLOCK_R, mask=sel, other=0.0)
-                                zu += tl.load(zs_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=sel, other=0.0)
-                        m_b = (present & (q_r < R))[:, None] & mask_n[None, :]
-                        bs_ptrs = b_ptrs + (s0 + q_s).to(tl.int64)[:, None] * stride_bs
-                        bg = tl.load(bs_ptrs, mask=m_b, other=0.0)
-                        bu = tl.load(bs_ptrs + I * stride_bn, mask=m_b, other=0.0)
-                        if CAST_FP32:
-                            bg = bg.to(tl.float32)
-                            bu = bu.to(tl.float32)
-                        acc_g = tl.dot(zg.to(bg.dtype), bg, acc_g, input_precision=DOT_PREC)
-                        acc_u = tl.dot(zu.to(bu.dtype), bu, acc_u, input_precision=DOT_PREC)
-        act = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(act_ptr.dtype.element_ty)
-        tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :], act,
-                 mask=mask_m[:, None] & mask_n[None, :])
-        if HAS_LORA:  # noqa: SIM102 - a constexpr test, then a runtime one
-            if any_lora:
-                # down shrink, partial over this I tile: zdp[n, pid_n] = down_A[s, e][:, tile] a[n, tile],
-                # one stacked dot per slot group, then each row keeps its own slot's column block
-                zd = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-                da_ptrs = (d_a_ptr + expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di
-                           + q_r[None, :] * stride_dr)  # [BLOCK_N, SG*BLOCK_R]
-                a_op = act
-                if CAST_FP32:
-                    a_op = act.to(tl.float32)
-                for s0 in range(0, S, SG):
-                    sel = slot[:, None] == (s0 + q_s)[None, :]
-                    present = tl.max(sel.to(tl.int32), axis=0) > 0
-                    if tl.max(present.to(tl.int32), axis=0) > 0:
-                        m_d = mask_n[:, None] & (present & (q_r < R))[None, :]
-                        da = tl.load(da_ptrs + (s0 + q_s).to(tl.int64)[None, :] * stride_ds, mask=m_d, other=0.0)
-                        if CAST_FP32:
-                            da = da.to(tl.float32)
-                        zw = tl.where(sel, tl.dot(a_op, da, input_precision=DOT_PREC), 0.0)  # [BLOCK_M, SG*R]
-                        zd += tl.sum(tl.reshape(zw, [BLOCK_M, SG, BLOCK_R]), axis=1)
-                offs_r = tl.arange(0, BLOCK_R)
-                zdp_ptrs = zdp_ptr + (rows.to(tl.int64)[:, None] * num_pid_n + pid_n) * BLOCK_R + offs_r[None, :]
-                tl.store(zdp_ptrs, zd, mask=has[:, None])
-
-
-@triton.jit
-def _down_kernel(
-    # pointers
-    act_ptr,  # [N, I]
-    w2_ptr,  # [E, H, I]
-    ypair_ptr,  # [N, H] out: w * (W2 a + down_B z_d) per pair, summed over k later
-    topk_w_ptr,  # [N] routing weights
-    sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-    token_slot_ptr,  # [T] (LoRA)
-    zdp_ptr,  # [N, NT_GU, BLOCK_R] fp32 down-shrink partials (LoRA)
-    d_b_ptr,  # [S, E, H, R] (LoRA)
-    zdw_ptr,  # [N, BLOCK_R] fp32 out: w * z_d, for the shared-outer expand (HAS_SHARED)
-    # sizes
-    N, TOPK, H, I, S, R, NT_GU,  # NT_GU: I tiles of the gate_up kernel (partials per pair)
-    # strides
-    stride_am, stride_we, stride_wn, stride_wk, stride_ym,
-    stride_bs, stride_be, stride_bn, stride_br,
-    # meta
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_R: tl.constexpr, NT_CHUNK: tl.constexpr,
-    SG: tl.constexpr,
-    EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    num_pid_n = tl.cdiv(H, BLOCK_N)
-    ok, expert, rows, pid_n = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr,
-                                          num_padded_ptr, num_pid_n, N, GROUP_M, BLOCK_M)
-    if ok:
-        mask_m = rows < N
-        rows64 = rows.to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < H
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = act_ptr + rows64[:, None] * stride_am + offs_k[None, :]
-        w_ptrs = (w2_ptr + expert.to(tl.int64) * stride_we
-                  + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk)  # [BLOCK_K, BLOCK_N]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            if EVEN_K:
-                at = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-                wt = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
-            else:
-                mask_k = offs_k < I - k0
-                at = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            if CAST_FP32:
-                at = at.to(tl.float32)
-                wt = wt.to(tl.float32)
-            acc = tl.dot(at, wt, acc, input_precision=DOT_PREC)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
-        w = tl.load(topk_w_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
-        if HAS_LORA:
-            slot = tl.load(token_slot_ptr + rows // TOPK, mask=mask_m, other=-1)
-            has = slot >= 0
-            if tl.max(has.to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it all
-                # z_d = sum of the gate_up kernel's per-I-tile partials, read (NT_CHUNK tiles per vector
-                # load) straight into the slot-stacked layout, then one stacked dot with down_B per group
-                offs_q = tl.arange(0, SG * BLOCK_R)
-                q_s = offs_q // BLOCK_R
-                q_r = offs_q % BLOCK_R
-                offs_t = tl.arange(0, NT_CHUNK)
-                zp_ptrs = (zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R) + offs_t[None, :, None] * BLOCK_R
-                           + q_r[None, None, :])  # [BLOCK_M, NT_CHUNK, SG*BLOCK_R]
-                db_ptrs = (d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
-                           + q_r[:, None] * stride_br)  # [SG*BLOCK_R, BLOCK_N]
-                for s0 in range(0, S, SG):
-                    sel = slot[:, None] == (s0 + q_s)[None, :]
-                    present = tl.max(sel.to(tl.int32), axis=0) > 0
-                    if tl.max(present.to(tl.int32), axis=0) > 0:
-                        db = tl.load(db_ptrs + (s0 + q_s).to(tl.int64)[:, None] * stride_bs,
-                                     mask=(present & (q_r < R))[:, None] & mask_n[None, :], other=0.0)
-                        zw = tl.zeros([BLOCK_M, SG * BLOCK_R], dtype=tl.float32)
-                        for t0 in range(0, NT_GU, NT_CHUNK):
-                            m_z = sel[:, None, :] & (t0 + offs_t < NT_GU)[None, :, None]
-                            zw += tl.sum(tl.load(zp_ptrs + t0 * BLOCK_R, mask=m_z, other=0.0), axis=1)
-                        if CAST_FP32:
-                            db = db.to(tl.float32)
-                        acc = tl.dot(zw.to(db.dtype), db, acc, input_precision=DOT_PREC)
-                if HAS_SHARED:  # noqa: SIM102 - a constexpr test, then a runtime one
-                    if pid_n == 0:
-                        # w * z_d per pair for the shared-outer expand in the top-k sum (narrow layout);
-                        # rows of pairs without an adapter are not written: the top-k sum masks them
-                        offs_r = tl.arange(0, BLOCK_R)
-                        zn_ptrs = (zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R)
-                                   + offs_t[None, :, None] * BLOCK_R + offs_r[None, None, :])
-                        zd = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-                        for t0 in range(0, NT_GU, NT_CHUNK):
-                            m_z = has[:, None, None] & (t0 + offs_t < NT_GU)[None, :, None]
-                            zd += tl.sum(tl.load(zn_ptrs + t0 * BLOCK_R, mask=m_z, other=0.0), axis=1)
-                        tl.store(zdw_ptr + rows64[:, None] * BLOCK_R + offs_r[None, :], zd * w[:, None],
-                                 mask=has[:, None])
-        acc = acc * w[:, None]
-        tl.store(ypair_ptr + rows64[:, None] * stride_ym + offs_n[None, :], acc.to(ypair_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _topk_sum_kernel(
-    # pointers
-    ypair_ptr,  # [T*k, H] per-pair outputs (rows of sentinel pairs were never written)
-    topk_ids_ptr,  # [T, k] int32
-    y_ptr,  # [T, H] out
-    token_slot_ptr, zdw_ptr, sh_b_ptr,  # HAS_SHARED: [T], [T*k, BLOCK_R] fp32, [S, H, R]
-    # sizes
-    T, TOPK, E, H, S, R,
-    stride_ym, stride_om, stride_ss, stride_sh, stride_sr,
-    # meta
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    # deterministic top-k reduction (fixed j order, fp32), plus the shared-outer down expand once per token
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_t = offs_t < T
-    mask_h = offs_h < H
-    offs_t64 = offs_t.to(tl.int64)
-    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-    offs_r = tl.arange(0, BLOCK_R)
-    u = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
-    slot = tl.load(token_slot_ptr + offs_t, mask=mask_t, other=-1)  # (without LoRA: any int32 [>= T])
-    for j in range(0, TOPK):
-        e = tl.load(topk_ids_ptr + offs_t64 * TOPK + j, mask=mask_t, other=-1)
-        valid = (e >= 0) & (e < E)
-        row = offs_t64 * TOPK + j
-        acc += tl.load(ypair_ptr + row[:, None] * stride_ym + offs_h[None, :],
-                       mask=valid[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
-        if HAS_SHARED:
-            u += tl.load(zdw_ptr + row[:, None] * BLOCK_R + offs_r[None, :], mask=(valid & (slot >= 0))[:, None],
-                         other=0.0)
-    if HAS_SHARED:
-        b_off = offs_h[None, :] * stride_sh + offs_r[:, None] * stride_sr
-        for s in range(0, S):
-            in_s = slot == s
-            if tl.max(in_s.to(tl.int32), axis=0) > 0:
-                sb = tl.load(sh_b_ptr + s * stride_ss + b_off, mask=(offs_r[:, None] < R) & mask_h[None, :],
-                             other=0.0)
-                us = tl.where(in_s[:, None], u, 0.0)
-                if CAST_FP32:
-                    sb = sb.to(tl.float32)
-                else:
-                    us = us.to(sb.dtype)
-                acc = tl.dot(us, sb, acc, input_precision=DOT_PREC)
-    tl.store(y_ptr + offs_t64[:, None] * stride_om + offs_h[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mask_t[:, None] & mask_h[None, :])
-
 
 # ----------------------------------------------------------------------------------------------------
 # Block configs: kernels/configs/fused_moe.json, keyed by device name, then "E{E}_H{H}_I{I}_k{k}", then
 # the smallest token-count bucket >= T. Missing entries fall back to `_default_config`.
 # ----------------------------------------------------------------------------------------------------
-
-_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N_GU", "BLOCK_K_GU", "BLOCK_N_D", "BLOCK_K_D", "GROUP_M", "SPLIT",
-                "num_warps", "num_stages")
-
 
 @cache
 def _config_table() -> dict:
