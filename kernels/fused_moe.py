@@ -9,6 +9,14 @@ Contract of `fused_moe` (Triton) and `fused_moe_ref`:
     topk_ids      [T, k] int32  expert ids; negative = sentinel (expert not on this rank): no contribution
     lora          MoELoraArgs | None
     returns       [T, H] = sum_j w[t,j] * (W2[e] silu_and_mul(W13[e] x_t + dgu) + ddown)
+
+Keyword-only, both implementations (the reference ignores the first and last):
+    scratch       1-D uint8 workspace of >= fused_moe_scratch_bytes(x, w13, k, lora) bytes (CUDA graphs)
+    out           [T, H] output buffer
+    config        block config dict (see `moe_config`; default: kernels/configs/fused_moe.json, then a
+                  heuristic by pairs per expert)
+
+The Triton path is sync-free; its results are bitwise repeatable (the top-k sum has a fixed order).
 """
 
 from __future__ import annotations
