@@ -259,7 +259,11 @@ def fused_moe(
             if tuple(t.shape) != shape or t.dtype != x.dtype:
                 raise ValueError(f"fused_moe: lora.{name} is {tuple(t.shape)} {t.dtype}, expected {shape} {x.dtype}")
         has_shared = lora.shared_gate_up_A is not None or lora.shared_down_B is not None
-        slot = lora.token_slot
+        if lora.token_slot.shape != (T,) or lora.token_slot.dtype != torch.int32:
+            raise ValueError(f"fused_moe: lora.token_slot must be [{T}] int32, got "
+                             f"{tuple(lora.token_slot.shape)} {lora.token_slot.dtype}")
+        slot = lora.token_slot.contiguous()
+        lora = lora._replace(token_slot=slot)
         gu_b, d_a, d_b = lora.gate_up_B, lora.down_A, lora.down_B
         if has_shared:
             zero_a = torch.zeros(S, 2 * R, H, dtype=x.dtype, device=x.device)

@@ -112,6 +112,8 @@ def test_rejects_bad_slab(device: str) -> None:
     lora = make_lora(T, H, I, E, [4], torch.zeros(T, dtype=torch.int32), torch.float32, device)
     with pytest.raises(ValueError, match="gate_up_B"):
         fused_moe(x, w13, w2, w, ids, lora._replace(gate_up_B=lora.gate_up_B[:, :, :I]))
+    with pytest.raises(ValueError, match="token_slot"):
+        fused_moe(x, w13, w2, w, ids, lora._replace(token_slot=lora.token_slot.long()))
 
 
 @pytest.mark.gpu
