@@ -22,20 +22,21 @@ from lorax.errors import ConfigError
 class IdTable:
     """A compact set of string keys (64-bit hashes, open addressing) with an int64 value per key.
 
-    A Python set of a million strings costs ~100 MB; this costs 16 bytes per slot at <= 50% load
-    (array.array, whose item access is several times cheaper than numpy scalars). Keys are never
+    A Python set of a million strings costs ~100 MB; this costs 8 bytes per slot (16 with values) at
+    25-50% load (array.array, whose item access is several times cheaper than numpy scalars). Keys are never
     stored: two distinct keys share a 64-bit hash with probability ~n^2 / 2^65 (3e-8 for a million).
     `hash()` is salted per process, which is fine: a table never outlives its process.
     """
 
     _MASK64 = (1 << 64) - 1
 
-    def __init__(self, capacity: int = 1024) -> None:
+    def __init__(self, capacity: int = 1024, values: bool = True) -> None:
         size = 1
         while size < 2 * capacity:
             size *= 2
         self._keys = array("Q", bytes(8 * size))  # 0 = empty slot
-        self._vals = array("q", bytes(8 * size))
+        # A pure set needs no values: 8 bytes per slot instead of 16; get() then returns 0 for members.
+        self._vals = array("q", bytes(8 * size)) if values else None
         self._n = 0
 
     def _slot(self, h: int) -> int:
@@ -55,7 +56,8 @@ class IdTable:
         if self._keys[i] == h:
             return False
         self._keys[i] = h
-        self._vals[i] = value
+        if self._vals is not None:
+            self._vals[i] = value
         self._n += 1
         if 2 * self._n > len(self._keys):
             self._grow()
@@ -64,7 +66,9 @@ class IdTable:
     def get(self, key: str) -> int | None:
         h = (hash(key) & self._MASK64) or 1
         i = self._slot(h)
-        return self._vals[i] if self._keys[i] == h else None
+        if self._keys[i] != h:
+            return None
+        return self._vals[i] if self._vals is not None else 0
 
     def __contains__(self, key: str) -> bool:
         return self.get(key) is not None
@@ -75,12 +79,13 @@ class IdTable:
     def _grow(self) -> None:
         old_keys, old_vals = self._keys, self._vals
         self._keys = array("Q", bytes(16 * len(old_keys)))
-        self._vals = array("q", bytes(16 * len(old_keys)))
-        for h, v in zip(old_keys, old_vals, strict=True):
+        self._vals = array("q", bytes(16 * len(old_keys))) if old_vals is not None else None
+        for i, h in enumerate(old_keys):
             if h:
                 j = self._slot(h)
                 self._keys[j] = h
-                self._vals[j] = v
+                if self._vals is not None and old_vals is not None:
+                    self._vals[j] = old_vals[i]
 
 
 def record_key(record: Any) -> str | None:
@@ -216,7 +221,7 @@ def rewrite_in_input_order(output: Path, input_keys: Iterator[str]) -> int:
                 offsets.add(key, offset)
             n_records += 1
     tmp = output.with_name(output.name + ".ordering.tmp")
-    emitted = IdTable(max(1024, n_records))
+    emitted = IdTable(max(1024, n_records), values=False)
     written = 0
     with open(output, "rb") as src, open(tmp, "wb") as dst:
         for key in input_keys:

@@ -146,7 +146,7 @@ class _Job:
         self.engine, self.cfg = engine, cfg
         self.t0 = time.monotonic()
         self.summary = JobSummary()
-        self.done_ids, self.err_ids, self.err_lines = IdTable(), IdTable(), IdTable()
+        self.done_ids, self.err_ids, self.err_lines = (IdTable(values=False) for _ in range(3))
         self.seen = IdTable()  # ids met in this pass over the input (duplicates)
         self.inflight: dict[str, PendingLine] = {}  # engine request id -> line
         self.eof = False
