@@ -164,3 +164,26 @@ def test_bad_flags_exit_2(tmp_path: Path, extra: list[str], message: str, capsys
     model_dir = write_model_dir(TINY, tmp_path)
     assert main(_argv(model_dir, *extra)) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_gpu_smoke_with_graphs_and_hf(tmp_path: Path) -> None:
+    """The CUDA path end to end on a small model: Triton kernels, decode graphs, bf16, HF baseline."""
+    small = dict(TINY, hidden_size=64, head_dim=16, moe_intermediate_size=32, vocab_size=256)
+    model_dir = write_model_dir(small, tmp_path / "model")
+    path = tmp_path / "report.json"
+    argv = _argv(model_dir, "--json", str(path), "--baseline", "hf", "--dtype", "bfloat16", "--copy-mb", "256")
+    argv[argv.index("--device") + 1] = "cuda"
+    assert main(argv) == 0
+    report = json.loads(path.read_text())
+    assert report["engine"]["cuda_graphs"] is True and report["engine"]["kernels"] == "triton"
+    for label in PASSES:
+        s = report["passes"][label]
+        assert s["output_tokens"] == N * OUT and s["num_decode_steps"] == OUT - 1
+    assert report["baseline_hf"]["output_tokens"] == N * OUT
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_standard_without_gpu_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "throughput", "--layers", "2"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
