@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lorax.errors import ConfigError
 from lorax.inference import LLM, GenerateRequest, SamplingParams
 
 from .tiny_models import ARCHS, ENGINE, build_hf, hf_greedy, hf_logits, save
@@ -86,3 +87,23 @@ def test_half_precision_runs_close_to_fp32(dtype: str, tol: float, tmp_path: Pat
     outs = llm.generate([GenerateRequest(str(i), prompt_token_ids=p, adapter="a", sampling=_greedy(4))
                          for i, p in enumerate(PROMPTS)])
     assert all(o.error is None and len(o.token_ids) == 4 for o in outs)
+
+
+def test_hub_repo_id_resolves_from_the_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`LLM("org/name")` finds a model in the Hugging Face cache without a network (HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-moe"
+    hf = build_hf("qwen3_moe_nonorm")
+    save(hf, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    llm = LLM("tiny-org/tiny-moe", **ENGINE, max_model_len=32)
+    assert llm.model_name == "tiny-org/tiny-moe" and llm.model_dir.name == commit
+    out = llm.generate([GenerateRequest("a", prompt_token_ids=PROMPTS[0], sampling=_greedy(4))])[0]
+    assert out.token_ids == hf_greedy(hf, PROMPTS[0], 4)
+    with pytest.raises(ConfigError, match="tiny-org/absent"):
+        LLM("tiny-org/absent", **ENGINE)
