@@ -173,7 +173,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"max_num_seqs {eng.get('max_num_seqs', 64)}, start-up {eng['startup_s']:.1f} s",
         f"workload: {wl['num_prompts']} prompts x {wl['input_len']} in / {wl['output_len']} out (ignore_eos, greedy), "
         f"{wl['adapters']} adapters rank {wl['rank']} (q/k/v/o + every expert)",
-        f"copy bandwidth: {r['copy_gbs']:.0f} GB/s (read + write)",
+        f"copy bandwidth: {r['copy_gbs']:.4g} GB/s (read + write, same run)",
         "",
         f"{'pass':<12} {'total s':>8} {'req/s':>8} {'in tok/s':>10} {'out tok/s':>10} {'decode B':>8} "
         f"{'step ms':>8} {'ms/layer':>8} {'GB/s':>7} {'%copy':>6} {'prefill TF/s':>12}",
