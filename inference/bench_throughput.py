@@ -271,6 +271,7 @@ def summarize(p: PassResult, copy_gbs: float, peak_tflops: float, num_layers: in
             "decode_steps_at_batch": len(at_batch),
             "decode_step_ms": ms,
             "decode_step_ms_per_layer": ms / num_layers,
+            "decode_tok_per_s": batch / ms * 1e3,  # steady-state generation rate at that batch
             "decode_step_ms_all_median": statistics.median(s.seconds for s in decode) * 1e3,
             "decode_bytes_per_step": nbytes,
             "decode_hbm_gbs": gbs,

@@ -88,6 +88,7 @@ def test_rates_are_quotients(run: tuple[dict[str, Any], str], label: str) -> Non
     assert s["decode_hbm_gbs"] == pytest.approx(s["decode_bytes_per_step"] / s["decode_step_ms"] / 1e6)
     assert s["decode_hbm_fraction_of_copy"] == pytest.approx(s["decode_hbm_gbs"] / report["copy_gbs"])
     assert s["decode_step_ms_per_layer"] == pytest.approx(s["decode_step_ms"] / 3)
+    assert s["decode_tok_per_s"] == pytest.approx(s["decode_batch"] * 1e3 / s["decode_step_ms"])
     assert s["prefill_tflops"] > 0 and s["decode_step_ms"] > 0
 
 
