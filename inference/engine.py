@@ -185,6 +185,7 @@ class LLM:
         self._rng = random.Random(cfg.seed)
         self._next_index = 0
         self._early: list[RequestOutput] = []  # requests refused at add time, returned by the next step()
+        self._steps = {"prefill": 0, "decode": 0, "tokens_in": 0, "tokens_out": 0}
 
     def _use_graphs(self) -> bool:
         # The torch references synchronise with the host, so only the Triton backend can be captured.
@@ -202,6 +203,18 @@ class LLM:
         )
 
     # ---- properties of the public API -----------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters since start-up: steps by kind, tokens fed / sampled, preemptions, adapter slot loads."""
+        return {
+            "prefill_steps": self._steps["prefill"],
+            "decode_steps": self._steps["decode"],
+            "tokens_fed": self._steps["tokens_in"],
+            "tokens_sampled": self._steps["tokens_out"],
+            "preemptions": self.scheduler.num_preemptions,
+            "adapter_loads": self.pool.num_loads if self.pool is not None else 0,
+        }
+
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
@@ -301,6 +314,9 @@ class LLM:
             return outputs
         result = self.runner.step(batch)
         self.scheduler.commit(batch)
+        self._steps["decode" if batch.is_decode else "prefill"] += 1
+        self._steps["tokens_in"] += sum(batch.num_new)
+        self._steps["tokens_out"] += len(result.ids)
         for row, seq in enumerate(result.seqs):
             logprob = result.logprob[row] if result.logprob is not None else None
             top = None
