@@ -218,16 +218,17 @@ def _moe_scatter_kernel(
 @triton.jit
 def _moe_align_one_program_kernel(
     topk_ids_ptr, token_slot_ptr,
-    counts_ptr, starts_ptr, block_ends_ptr, rank_ptr,  # [E], [E], [E], [N] int32 work
+    counts_ptr, starts_ptr, rank_ptr,  # [E], [E], [N] int32 work
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,  # outputs
     N, TOPK, base_experts, num_experts, block_m, max_blocks,
     HAS_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_BM: tl.constexpr, LOG_E: tl.constexpr,
 ):
     """Small inputs (decode): the three passes in one program, phases separated by CTA barriers.
 
     Global writes of one CTA are visible to its own threads after a barrier; counters are read back
     with volatile loads so no stale L1 line is used. Saves two launches and the memset on decode.
+    Block owners and pads are written expert by expert (stores only: no dependent-load chains, which
+    a single program would pay for in latency).
     """
     for e0 in range(0, num_experts, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
@@ -247,41 +248,35 @@ def _moe_align_one_program_kernel(
         mask_e = offs_e < num_experts
         cnt = tl.load(counts_ptr + offs_e, mask=mask_e, other=0, volatile=True)
         padded = (cnt + block_m - 1) // block_m * block_m
-        incl = tl.cumsum(padded, axis=0) + carry
-        tl.store(starts_ptr + offs_e, incl - padded, mask=mask_e)
-        tl.store(block_ends_ptr + offs_e, incl // block_m, mask=mask_e)
+        start = tl.cumsum(padded, axis=0) + carry - padded
+        tl.store(starts_ptr + offs_e, start, mask=mask_e)
+        # owner of each of the expert's blocks, then the pads after its count (runs are disjoint)
+        nblocks = padded // block_m
+        for j in range(0, tl.max(nblocks, axis=0)):
+            tl.store(block_expert_ptr + start // block_m + j, offs_e, mask=mask_e & (j < nblocks))
+        for j in range(0, block_m - 1):
+            tl.store(sorted_ids_ptr + start + cnt + j, tl.zeros_like(offs_e) + N, mask=mask_e & (cnt + j < padded))
         carry += tl.sum(padded, axis=0)
     tl.store(num_padded_ptr, carry)
-    tl.debug_barrier()
+    # past the device-side count: no block, pad markers
     total_blocks = carry // block_m
+    for b0 in range(0, max_blocks, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        tl.store(block_expert_ptr + offs_b, tl.full([BLOCK_B], -1, tl.int32),
+                 mask=(offs_b >= total_blocks) & (offs_b < max_blocks))
+    for p0 in range(0, max_blocks * block_m, BLOCK_B):
+        offs_p = p0 + tl.arange(0, BLOCK_B)
+        tl.store(sorted_ids_ptr + offs_p, tl.zeros_like(offs_p) + N,
+                 mask=(offs_p >= carry) & (offs_p < max_blocks * block_m))
+    tl.debug_barrier()
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         key, valid = _pair_key(topk_ids_ptr, token_slot_ptr, offs_n, mask_n, TOPK, base_experts,
                                num_experts, HAS_SLOT)
         rank = tl.load(rank_ptr + offs_n, mask=valid, other=0, volatile=True)
-        start = tl.load(starts_ptr + key, mask=valid, other=0, volatile=True)
-        tl.store(sorted_ids_ptr + start + rank, offs_n, mask=valid)
-    for b0 in range(0, max_blocks, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < max_blocks
-        lo = tl.zeros([BLOCK_B], dtype=tl.int32)
-        hi = tl.zeros([BLOCK_B], dtype=tl.int32) + num_experts
-        for _ in range(LOG_E):
-            mid = (lo + hi) // 2
-            go_right = tl.load(block_ends_ptr + mid, mask=lo < hi, other=0, volatile=True) <= offs_b
-            lo = tl.where((lo < hi) & go_right, mid + 1, lo)
-            hi = tl.where((lo < hi) & ~go_right, mid, hi)
-        live = mask_b & (offs_b < total_blocks)
-        owner = tl.where(live, lo, -1)
-        tl.store(block_expert_ptr + offs_b, owner, mask=mask_b)
-        start = tl.load(starts_ptr + owner, mask=live, other=0, volatile=True)
-        count = tl.load(counts_ptr + owner, mask=live, other=0, volatile=True)
-        offs_m = tl.arange(0, BLOCK_BM)
-        pos = offs_b[:, None] * block_m + offs_m[None, :]
-        in_block = mask_b[:, None] & (offs_m[None, :] < block_m)
-        is_pad = (~live[:, None]) | (pos - start[:, None] >= count[:, None])
-        tl.store(sorted_ids_ptr + pos, tl.zeros_like(pos) + N, mask=in_block & is_pad)
+        run_start = tl.load(starts_ptr + key, mask=valid, other=0, volatile=True)
+        tl.store(sorted_ids_ptr + run_start + rank, offs_n, mask=valid)
 
 
 # one-program path when the whole alignment is small (decode batches); tests force either path
@@ -333,14 +328,12 @@ def moe_align(
     if one_program is None:
         one_program = num_pairs <= ONE_PROGRAM_MAX_PAIRS and num_experts <= ONE_PROGRAM_MAX_EXPERTS
     if one_program:
-        work = torch.empty(3 * num_experts + max(num_pairs, 1), dtype=torch.int32, device=device)
-        counts, starts = work[:num_experts], work[num_experts : 2 * num_experts]
-        block_ends, rank = work[2 * num_experts : 3 * num_experts], work[3 * num_experts :]
+        work = torch.empty(2 * num_experts + max(num_pairs, 1), dtype=torch.int32, device=device)
+        counts, starts, rank = work[:num_experts], work[num_experts : 2 * num_experts], work[2 * num_experts :]
         _moe_align_one_program_kernel[(1,)](
-            ids, slot_arg, counts, starts, block_ends, rank, out.sorted_ids, out.block_expert, out.num_padded,
+            ids, slot_arg, counts, starts, rank, out.sorted_ids, out.block_expert, out.num_padded,
             num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks,
-            HAS_SLOT=has_slot, BLOCK_N=256, BLOCK_E=1024, BLOCK_B=16, BLOCK_BM=triton.next_power_of_2(block_m),
-            LOG_E=max(1, num_experts.bit_length()), num_warps=8,
+            HAS_SLOT=has_slot, BLOCK_N=256, BLOCK_E=1024, BLOCK_B=1024, num_warps=8,
         )
         return out
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
