@@ -7,9 +7,10 @@ Per layer the pool allocates, once, the slabs the layers read (S slots, R = max_
     MoE experts   the MoELoraArgs slab of kernels/moe_lora.py ([S, E, 2R, H], [S, E, 2I, R], [S, E, R, I],
                   [S, E, H, R], plus shared_gate_up_A [S, 2R, H] / shared_down_B [S, H, R] when any
                   registered adapter is shared-outer)
-Only the kinds some registered adapter targets are allocated (known at start-up, so a graph captured
-later sees a fixed set). Loading copies an adapter into a slot in place (zero-padded past its rank);
-evicting zeroes the slot in place. Buffers are never re-allocated.
+Only the (layer, module) slabs some registered adapter targets are allocated (known at start-up, so a
+graph captured later sees a fixed set; a layer without a slab does no LoRA work). Loading copies an
+adapter into a slot in place (zero-padded past its rank); evicting zeroes the slot in place. Buffers
+are never re-allocated.
 
 Adapters live on the host in canonical form (pinned on CUDA), at most `max_cpu_loras` of them; others
 are re-read through `loader` when wanted again.
@@ -168,14 +169,13 @@ class LoraPool:
         # (layer, canonical module) -> (slab, slice index); only kinds some adapter targets
         self._dense: dict[tuple[int, str], tuple[_DenseSlab, int]] = {}
         self._moe: dict[int, MoESlab] = {}
-        kinds = {mod for _, mod in wanted}
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.attn, layer.mlp
-            if kinds & set(_QKV):
+            if any((i, mod) in wanted for mod in _QKV):
                 slab = _DenseSlab(attn.qkv, self.S, self.R)
                 for mod, idx in _QKV.items():
                     self._dense[(i, mod)] = (slab, idx)
-            if "self_attn.o_proj" in kinds:
+            if (i, "self_attn.o_proj") in wanted:
                 self._dense[(i, "self_attn.o_proj")] = (_DenseSlab(attn.o, self.S, self.R), 0)
             mlp_prefix = None
             dense_mlp: GatedMLP | None = None

@@ -65,6 +65,23 @@ def test_mixed_adapter_batch_matches_merged_oracles(arch: str, tmp_path: Path) -
     assert any(got[(n, 0)] != got[(None, 0)] for n in adapters)
 
 
+def test_adapters_on_some_layers_and_modules_only(tmp_path: Path) -> None:
+    """Sparse targets: q on layer 0 and v on layer 2 in one adapter, experts of layer 2 only in another."""
+    hf = build_hf("qwen3_moe")
+    path = save(hf, tmp_path / "m")
+    a = random_adapter(hf, "a", rank=4, moe_format="none", dense_mlp=False, seed=5)
+    a.dense = {k: v for k, v in a.dense.items() if k in ((0, "self_attn.q_proj"), (2, "self_attn.v_proj"))}
+    b = random_adapter(hf, "b", rank=2, attention=False, dense_mlp=False, seed=6)
+    b.moe = {2: b.moe[2]}
+    llm = LLM(str(path), adapters={"a": a, "b": b}, **ENGINE, max_model_len=64, max_lora_rank=8)
+    assert llm.model.layers[1].attn.qkv.lora_A is None and llm.model.layers[0].mlp.lora is None
+    got = _run_mixed(llm, ["a", "b", None])
+    for name, ad in (("a", a), ("b", b)):
+        for j, prompt in enumerate(PROMPTS):
+            assert got[(name, j)] == hf_greedy(merged(hf, ad), prompt, NEW), f"adapter {name} prompt {j}"
+        assert any(got[(name, j)] != got[(None, j)] for j in range(len(PROMPTS))), f"adapter {name} changes nothing"
+
+
 def test_more_adapters_than_slots(tmp_path: Path) -> None:
     """max_loras=1 with three adapters: requests are grouped by adapter, slots evicted and reloaded."""
     hf = build_hf("qwen3_moe")
