@@ -53,10 +53,12 @@ def test_cli_version() -> None:
 
 def test_cli_error_is_one_line_with_usage_exit_code(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "lorax.cli.main", "inspect", str(tmp_path / "missing")],
+        [sys.executable, "-m", "lorax.cli.main", "convert", str(tmp_path / "missing"), str(tmp_path / "out")],
         capture_output=True,
         text=True,
     )
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("error:")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0]
+    assert not (tmp_path / "out").exists(), "a failed convert must not leave a destination behind"
