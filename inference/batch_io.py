@@ -212,7 +212,7 @@ def rewrite_in_input_order(output: Path, input_keys: Iterator[str]) -> int:
     Memory: one IdTable of byte offsets (16-32 bytes per record); records are copied by seeking.
     Records whose key the input no longer has keep their relative order at the end. Returns records.
     """
-    offsets = IdTable()
+    offsets = IdTable(max(1024, count_lines(output)))  # sized once: no growth copies at the peak
     n_records = 0
     for _, offset, raw in iter_lines(output):
         if raw.strip():

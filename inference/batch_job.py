@@ -270,7 +270,9 @@ class _Job:
                                       cfg.base_names, cfg.seed)
         self.out_f = JsonlAppender(cfg.output_path, cfg.fsync_interval_s)
         self.err_f = JsonlAppender(cfg.errors_path, cfg.fsync_interval_s)
-        self.bar = _progress(cfg, count_lines(cfg.input_path) if cfg.progress else 0)
+        n_lines = count_lines(cfg.input_path)
+        self.seen = IdTable(max(1024, n_lines))  # sized once from a cheap newline count
+        self.bar = _progress(cfg, n_lines)
         self.lines = iter_lines(cfg.input_path)
         try:
             with _StopFlag() as stop:
@@ -297,6 +299,8 @@ class _Job:
                 self.bar.close()
             s.elapsed_s = time.monotonic() - self.t0
         if cfg.ordered and not s.interrupted:
+            # The id tables are no longer needed: free them before the rewrite builds its own.
+            self.seen = self.done_ids = self.err_ids = self.err_lines = IdTable(1)
             rewrite_in_input_order(cfg.output_path, _input_keys(cfg.input_path))
         return s
 
