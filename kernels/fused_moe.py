@@ -291,11 +291,11 @@ def fused_moe(
     _down_kernel[(max_blocks * triton.cdiv(H, cfg["BLOCK_N_D"]),)](
         buf.act, w2, buf.ypair, weights, align.sorted_ids, align.block_expert, align.num_padded,
         slot, buf.zdp, d_b, buf.zdw,
-        N, topk, H, I, S, R, nt_gu,
+        N, topk, H, I, S, R,
         buf.act.stride(0), *w2.stride(), buf.ypair.stride(0),
         *(d_b.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_D"], BLOCK_K=cfg["BLOCK_K_D"], GROUP_M=cfg["GROUP_M"],
-        HAS_LORA=has_lora, HAS_SHARED=has_shared, BLOCK_R=br, NT_CHUNK=nt_chunk, SG=sg,
+        HAS_LORA=has_lora, HAS_SHARED=has_shared, BLOCK_R=br, NT_GU=nt_gu, NT_CHUNK=nt_chunk, SG=sg,
         EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, DOT_PREC=prec, **launch,
     )
     block_t = 16

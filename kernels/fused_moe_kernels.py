@@ -160,6 +160,27 @@ def _gate_up_kernel(
 
 
 @triton.jit
+def _sum_partials(ptrs, row_mask, offs_t, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, STRIDE_T: tl.constexpr,
+                  NT: tl.constexpr, NT_CHUNK: tl.constexpr):
+    """sum over t < NT of ptrs[:, t, :] ([BLOCK_M, NT_CHUNK, WIDTH] pointers at t = 0..NT_CHUNK-1).
+
+    Few chunks: unrolled, so the loads are independent and in flight together (a runtime loop would
+    pay one memory latency per chunk); many chunks (wide I, e.g. Mixtral): a loop, to bound code size
+    and registers.
+    """
+    acc = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
+    if NT <= 8 * NT_CHUNK:
+        for t0 in tl.static_range(0, NT, NT_CHUNK):
+            m = row_mask & ((t0 + offs_t) < NT)[None, :, None]
+            acc += tl.sum(tl.load(ptrs + t0 * STRIDE_T, mask=m, other=0.0), axis=1)
+    else:
+        for t0 in range(0, NT, NT_CHUNK):
+            m = row_mask & ((t0 + offs_t) < NT)[None, :, None]
+            acc += tl.sum(tl.load(ptrs + t0 * STRIDE_T, mask=m, other=0.0), axis=1)
+    return acc
+
+
+@triton.jit
 def _down_kernel(
     # pointers
     act_ptr,  # [N, I]
@@ -172,13 +193,15 @@ def _down_kernel(
     d_b_ptr,  # [S, E, H, R] (LoRA)
     zdw_ptr,  # [N, BLOCK_R] fp32 out: w * z_d, for the shared-outer expand (HAS_SHARED)
     # sizes
-    N, TOPK, H, I, S, R, NT_GU,  # NT_GU: I tiles of the gate_up kernel (partials per pair)
+    N, TOPK, H, I, S, R,
     # strides
     stride_am, stride_we, stride_wn, stride_wk, stride_ym,
     stride_bs, stride_be, stride_bn, stride_br,
     # meta
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_LORA: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_R: tl.constexpr, NT_CHUNK: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_R: tl.constexpr,
+    NT_GU: tl.constexpr,  # I tiles of the gate_up kernel = down-shrink partials per pair
+    NT_CHUNK: tl.constexpr,  # partials per vector load (the loop over chunks is unrolled)
     SG: tl.constexpr,
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -230,10 +253,8 @@ def _down_kernel(
                     if tl.max(present.to(tl.int32), axis=0) > 0:
                         db = tl.load(db_ptrs + (s0 + q_s).to(tl.int64)[:, None] * stride_bs,
                                      mask=(present & (q_r < R))[:, None] & mask_n[None, :], other=0.0)
-                        zw = tl.zeros([BLOCK_M, SG * BLOCK_R], dtype=tl.float32)
-                        for t0 in range(0, NT_GU, NT_CHUNK):
-                            m_z = sel[:, None, :] & (t0 + offs_t < NT_GU)[None, :, None]
-                            zw += tl.sum(tl.load(zp_ptrs + t0 * BLOCK_R, mask=m_z, other=0.0), axis=1)
+                        zw = _sum_partials(zp_ptrs, sel[:, None, :], offs_t, BLOCK_M, SG * BLOCK_R, BLOCK_R,
+                                           NT_GU, NT_CHUNK)
                         if CAST_FP32:
                             db = db.to(tl.float32)
                         acc = tl.dot(zw.to(db.dtype), db, acc, input_precision=DOT_PREC)
@@ -244,10 +265,8 @@ def _down_kernel(
                         offs_r = tl.arange(0, BLOCK_R)
                         zn_ptrs = (zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R)
                                    + offs_t[None, :, None] * BLOCK_R + offs_r[None, None, :])
-                        zd = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-                        for t0 in range(0, NT_GU, NT_CHUNK):
-                            m_z = has[:, None, None] & (t0 + offs_t < NT_GU)[None, :, None]
-                            zd += tl.sum(tl.load(zn_ptrs + t0 * BLOCK_R, mask=m_z, other=0.0), axis=1)
+                        zd = _sum_partials(zn_ptrs, has[:, None, None], offs_t, BLOCK_M, BLOCK_R, BLOCK_R,
+                                           NT_GU, NT_CHUNK)
                         tl.store(zdw_ptr + rows64[:, None] * BLOCK_R + offs_r[None, :], zd * w[:, None],
                                  mask=has[:, None])
         acc = acc * w[:, None]

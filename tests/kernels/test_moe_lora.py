@@ -93,6 +93,18 @@ def test_k_split_and_tile_partials(device: str, split: int, block_n: int) -> Non
                  torch.float32)
 
 
+def test_wide_intermediate_partials_loop(device: str) -> None:
+    """I / BLOCK_N_GU = 33 down-shrink partials per pair: the down kernel sums them in a loop (not unrolled)."""
+    T, H, I, E, k = 4, 32, 528, 2, 1
+    x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.float32, device)
+    lora = make_lora(T, H, I, E, [4, 8], torch.tensor([0, 1, -1, 1], dtype=torch.int32), torch.float32, device, (0,))
+    # BLOCK_M 64 -> one slot per group and 4 partials per load: 33 partials exceed the unrolled 8 loads
+    cfg = dict(BLOCK_M=64, BLOCK_N_GU=16, BLOCK_K_GU=16, BLOCK_N_D=16, BLOCK_K_D=64, GROUP_M=1, SPLIT=1,
+               num_warps=4, num_stages=1)
+    assert_close(fused_moe(x, w13, w2, w, ids, lora, config=cfg), ref_fp32(x, w13, w2, w, ids, lora),
+                 torch.float32)
+
+
 def test_no_adapter_tokens_cost_nothing_and_change_nothing(device: str) -> None:
     """Every slot -1: the LoRA launches do no work and the output equals the base kernel (bit for bit under
     the interpreter; on a GPU the two compiled kernels may order the MMA sums differently)."""
