@@ -234,6 +234,7 @@ def compile_check() -> int:
         for T, cfg in ((8, small), (2048, large)):  # one-program and three-pass alignment
             for lora in ("", "lora", "shared"):
                 drive(T, 2048, 768, 128, 8, torch.bfloat16, lora, cfg)
+        drive(1, 4096, 14336, 8, 2, torch.bfloat16, "lora", None)  # Mixtral: wide I, partials summed in a loop
         drive(5, 96, 40, 6, 2, torch.float16, "shared", None)  # odd sizes, default config
         drive(5, 96, 40, 6, 2, torch.float32, "shared", None)  # fp32 on a GPU (exact dots)
     finally:
