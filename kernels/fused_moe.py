@@ -126,9 +126,11 @@ def moe_config(T: int, topk: int, E: int, H: int, I: int, device: torch.device) 
     if device.type == "cuda" and not interpreting():
         by_shape = _config_table().get(torch.cuda.get_device_name(device), {}).get(f"E{E}_H{H}_I{I}_k{topk}")
         if by_shape:
-            buckets = sorted(int(b) for b in by_shape)
-            pick = next((b for b in buckets if b >= T), buckets[-1])
-            return {**_default_config(T, topk, E), **by_shape[str(pick)]}
+            # smallest tuned bucket >= T; past the largest one the heuristic (a decode tile is no
+            # prefill tile)
+            pick = next((b for b in sorted(int(b) for b in by_shape) if b >= T), None)
+            if pick is not None:
+                return {**_default_config(T, topk, E), **by_shape[str(pick)]}
     return _default_config(T, topk, E)
 
 
