@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import key_of, read_jsonl, write_lines
+from batch_helpers import key_of, read_jsonl, write_lines
 from fake_engine import FakeLLM, expected_text
 
 from lorax.errors import UsageError

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HERE, key_of, read_jsonl, write_lines
+from batch_helpers import HERE, key_of, read_jsonl, write_lines
 from fake_engine import FakeLLM, expected_text
 
 import lorax.inference

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import key_of, read_jsonl, write_lines
+from batch_helpers import key_of, read_jsonl, write_lines
 from fake_engine import expected_text
 
 from lorax.recipes import RECIPES_DIR
