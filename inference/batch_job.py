@@ -6,7 +6,7 @@ tokenizer / adapter_names / model_name / max_model_len), so tests run it on a fa
 Invariants:
 - every non-blank input line ends in exactly one of the output and errors files, once;
 - at most `cfg.max_in_flight` requests are read ahead of the engine: memory does not grow with the file
-  (apart from the id tables, ~32 bytes per id);
+  (apart from the id tables, 16-64 bytes per id);
 - records are appended and flushed after every engine step, so a SIGKILL loses only unfinished
   requests (they rerun on resume) and leaves at most one torn line, cut off on the next start;
 - resume keys are `id` / `custom_id`: ids in the output are skipped, ids in the errors file too unless
@@ -226,7 +226,7 @@ class _Job:
                 self._fail(line_no, key, id_value, openai, "duplicate_id",
                            f"id {key!r} already used on line {self.seen.get(key)}; ids must be unique")
             return
-        if key in self.done_ids or key in self.err_ids:
+        if line_done or key in self.done_ids or key in self.err_ids:
             self._skip()
             return
         try:

@@ -132,6 +132,10 @@ def test_mixed_input_every_bad_line_kind(tmp_path: Path, fake: FakeLLM) -> None:
     assert (summary.done, summary.errors, summary.skipped) == (n_ok, n_err, 0)
     assert len(outs) == n_ok and len(errs) == n_err
     check_exactly_once(cfg)
+    # Running the same job again writes nothing: every line already ended somewhere.
+    again = run_job(FakeLLM("fake-model", adapters={"reverse": "r", "upper": "u", "rot13": "x", "swapcase": "s"}), cfg)
+    assert (again.done, again.errors, again.skipped) == (0, 0, n_ok + n_err)
+    assert records_by_line(cfg) == (outs, errs)
     lp = next(r for r in outs if r.get("id") == "s15")["logprobs"]
     assert len(lp) == len(next(r for r in outs if r.get("id") == "s15")["token_ids"])
     assert all(len(t["top"]) == 2 for t in lp)
