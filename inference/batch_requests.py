@@ -204,6 +204,8 @@ class RequestBuilder:
         kwargs = body.get("chat_template_kwargs") or {}
         if not isinstance(gen_prompt, bool) or not isinstance(kwargs, dict):
             raise LineFailure("invalid_parameter", "add_generation_prompt must be a bool, chat_template_kwargs an object")
+        if "messages" in kwargs or "add_generation_prompt" in kwargs:
+            raise LineFailure("invalid_parameter", "chat_template_kwargs may not set messages or add_generation_prompt")
         src = dict(body)
         if not chat and isinstance(src.get("prompt"), list) and src["prompt"] and not isinstance(src["prompt"][0], int):
             # OpenAI allows a list of prompts; one line is one request here.
@@ -303,9 +305,10 @@ class RequestBuilder:
             raise LineFailure("chat_template_error", "'messages' need a chat template, and the model's tokenizer has "
                                                      "none: pass --chat-template (a file or a Jinja string)")
         try:
+            # Like transformers: the special-token strings are template variables, and kwargs win.
+            specials = {f"{w}_token": _special(self.tokenizer, w) for w in ("bos", "eos", "pad", "unk")}
             text = render_chat(template, messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=_special(self.tokenizer, "bos"), eos_token=_special(self.tokenizer, "eos"),
-                               **template_kwargs)
+                               **{**specials, **template_kwargs})
         except ChatTemplateError as err:
             raise LineFailure("chat_template_error", str(err)) from err
         # The template wrote the special tokens it wants: do not add BOS again.
