@@ -381,7 +381,9 @@ def write_manual(adir: Path, layout: str, factors: dict[str, nn.Parameter], cfg)
         else:
             t[f"base_model.model.{pre}.{name[:2]}.lora_{name[-1]}.weight"] = v.detach()
     t = {k: v.to(torch.bfloat16).contiguous() for k, v in t.items()}
-    save_file(t, str(adir / "adapter_model.safetensors"), metadata={"format": "pt", "lorax_moe_layout": layout})
+    # metadata holds one key: safetensors writes a metadata map in no fixed order, and the files must
+    # reproduce byte for byte; the layout marker lives in adapter_config.json instead.
+    save_file(t, str(adir / "adapter_model.safetensors"), metadata={"format": "pt"})
     if layout == "per-expert":
         conf = adapter_config(list(ATTN) + ["gate_proj", "up_proj", "down_proj"])
     else:
@@ -429,6 +431,8 @@ def write_peft_fused(adir: Path, base_dir: Path, factors: dict[str, nn.Parameter
     conf = json.loads((adir / "adapter_config.json").read_text())
     conf["base_model_name_or_path"] = BASE_NAME
     conf["task_type"] = "CAUSAL_LM"
+    for key in ("target_modules", "target_parameters"):  # PEFT writes these from a set: fix the order
+        conf[key] = sorted(conf[key])
     (adir / "adapter_config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
     return pm
 
