@@ -22,12 +22,12 @@ block * block_size + offset. Contracts of the Triton kernels and the references:
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from lorax.kernels._common import dot_precision, interpreting
 from lorax.kernels.lora_sgemm import tuned_config
 
 
@@ -85,14 +85,6 @@ def paged_attention_ref(
         probs = torch.softmax(scores, dim=-1)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, vals).to(q.dtype)
     return out
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,7 +370,7 @@ LOG2E = 1.4426950408889634
 
 @functools.lru_cache(maxsize=8)
 def _num_sms(device: str) -> int:
-    if device.startswith("cuda") and not _interpreting():
+    if device.startswith("cuda") and not interpreting():
         return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
     return 4
 
@@ -451,7 +443,7 @@ def paged_attention(
         raise ValueError(f"paged_attention: out must be {tuple(q.shape)} {q.dtype}")
     if T == 0 or B == 0:
         return out
-    cast = _interpreting()
+    cast = interpreting()
     group = n_h // n_kv
     block_d = max(16, triton.next_power_of_2(D))  # tl.dot needs K >= 16; lanes past D are masked
     qk_scale = float(scale) * LOG2E
@@ -471,7 +463,7 @@ def paged_attention(
             qk_scale, bs, group, D,
             q.stride(0), q.stride(1), q.stride(2),
             *common_strides,
-            CAST_FP32=cast, DOT_PREC=_dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            CAST_FP32=cast, DOT_PREC=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out
@@ -500,7 +492,7 @@ def paged_attention(
         qk_scale, bs, group, D, n_h, splits, partition,
         q.stride(0), q.stride(1), q.stride(2),
         *common_strides,
-        SPLIT=split, CAST_FP32=cast, DOT_PREC=_dot_precision(q.dtype), BLOCK_G=max(16, triton.next_power_of_2(group)),
+        SPLIT=split, CAST_FP32=cast, DOT_PREC=dot_precision(q.dtype), BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if split:

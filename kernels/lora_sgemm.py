@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lorax.kernels._common import dot_precision, interpreting
+
 
 def lora_linear_ref(
     x: torch.Tensor,
@@ -96,14 +98,6 @@ def build_lora_batch(token_slot: torch.Tensor, num_slots: int) -> LoraBatch:
     counts.scatter_add_(0, key, torch.ones(T, dtype=torch.int32, device=dev))
     starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
     return LoraBatch(order, starts[:num_slots], counts[:num_slots], T)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +301,7 @@ def _device_name(device: torch.device) -> str:
 def tuned_config(file: str, device: torch.device, shape_key: str, n: int) -> dict:
     """Measured block config from kernels/configs/<file>: {device name: {shape key: {bucket: cfg}}},
     the smallest bucket >= n (else the largest). Empty on the CPU / interpreter or when not measured."""
-    if device.type != "cuda" or _interpreting():
+    if device.type != "cuda" or interpreting():
         return {}
     by_bucket = _config_file(file).get(_device_name(device), {}).get(shape_key)
     if not by_bucket:
@@ -347,7 +341,7 @@ def _plan(
     if mode not in ("fused", "split"):
         raise ValueError(f"lora_linear: unknown mode {mode!r}")
     cfg = {**lora_config(T, out_total, mode), **tuned, **(config or {})}
-    if _interpreting():
+    if interpreting():
         cfg["num_stages"] = 1
     if mode == "fused":
         return mode, cfg, 1, K
@@ -434,7 +428,7 @@ def lora_linear(
     block_r = max(16, triton.next_power_of_2(R))
     tiles = _tile_table(slice_offsets, block_n, str(x.device))
     rank_arg = slot_rank if slot_rank is not None else batch.seg_len
-    cast = _interpreting()
+    cast = interpreting()
     grid_m = triton.cdiv(T, block_m)
 
     if mode == "split":
@@ -451,7 +445,7 @@ def lora_linear(
             x.stride(0), x.stride(1),
             A.stride(0), A.stride(1), A.stride(2),
             z.stride(0), z.stride(1), z.stride(2),
-            SPLIT_K=split_k, HAS_RANK=slot_rank is not None, CAST_FP32=cast, DOT_PREC=_dot_precision(x.dtype),
+            SPLIT_K=split_k, HAS_RANK=slot_rank is not None, CAST_FP32=cast, DOT_PREC=dot_precision(x.dtype),
             BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, **launch,
         )
     else:
@@ -464,7 +458,7 @@ def lora_linear(
         z.stride(0), z.stride(1), z.stride(2),
         B.stride(0), B.stride(1), B.stride(2),
         y.stride(0), y.stride(1),
-        SPLIT_K=split_k, SHRINK_INLINE=mode == "fused", HAS_RANK=slot_rank is not None, CAST_FP32=cast, DOT_PREC=_dot_precision(x.dtype),
+        SPLIT_K=split_k, SHRINK_INLINE=mode == "fused", HAS_RANK=slot_rank is not None, CAST_FP32=cast, DOT_PREC=dot_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k, **launch,
     )
     return y

@@ -91,18 +91,11 @@ def virtual_expert_ids_ref(topk_ids: torch.Tensor, token_slot: torch.Tensor, num
 # Three launches plus one memset of the [E] counter; no host sync, no sort, no cap on num_experts.
 # ----------------------------------------------------------------------------------------------------
 
-import os  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (kernels then cast tl.dot operands to fp32: bf16 dot is wrong there)."""
-    try:
-        return bool(triton.knobs.runtime.interpret)
-    except AttributeError:  # pragma: no cover - older triton
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from lorax.kernels._common import interpreting  # noqa: E402,F401  (re-exported for fused_moe)
 
 
 @triton.jit
