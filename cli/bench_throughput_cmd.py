@@ -52,6 +52,9 @@ def throughput_command(
     baseline: str | None = typer.Option(None, "--baseline", help="hf: transformers + PEFT generate, same GPU."),
     baseline_batches: int | None = typer.Option(None, "--baseline-batches",
                                                 help="Run only the first N HF sub-batches (default: all)."),
+    baseline_batch_size: int | None = typer.Option(
+        None, "--baseline-batch-size", help="HF sub-batch size (default: --max-num-seqs), e.g. 64 while lorax runs 256."
+    ),
     copy_mb: int | None = typer.Option(None, "--copy-mb", help="Copy-bandwidth tensor size (default 2048 on CUDA)."),
     peak_tflops: float = typer.Option(788.0, "--peak-tflops", help="Dense bf16 peak (788 = H100 SXM, measured)."),
     seed: int = typer.Option(0, "--seed"),
@@ -60,7 +63,8 @@ def throughput_command(
     """End-to-end throughput: requests/s, tokens/s, decode step time and HBM GB/s, prefill TFLOP/s."""
     _positive(num_prompts=num_prompts, input_len=input_len, output_len=output_len, adapters=adapters, rank=rank,
               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_loras=max_loras,
-              layers=layers, baseline_batches=baseline_batches, copy_mb=copy_mb)
+              layers=layers, baseline_batches=baseline_batches, copy_mb=copy_mb,
+              baseline_batch_size=baseline_batch_size)
     if sum(x is not None and x is not False for x in (recipe, model, standard or None)) > 1:
         raise UsageError("give at most one of --recipe, --model, --standard")
     if baseline not in (None, "hf"):
@@ -102,7 +106,7 @@ def throughput_command(
     if use_standard and engine.get("device", "auto") in ("auto", "cuda") and not torch.cuda.is_available():
         raise UsageError("the standard model needs a CUDA GPU; --model DIR --device cpu runs a smoke test")
     command = _command_line(recipe, model, layers, num_prompts, input_len, output_len, adapters, rank, engine,
-                            base_engine, baseline, baseline_batches)
+                            base_engine, baseline, baseline_batches, baseline_batch_size)
     with tempfile.TemporaryDirectory(prefix="lorax-bench-") as tmp:
         full_layers = None
         if use_standard:
@@ -121,7 +125,8 @@ def throughput_command(
             model_dir=model_dir, engine=engine,
             workload=Workload(num_prompts, input_len, output_len, adapters, rank, seed),
             full_layers=full_layers, copy_bytes=copy_mb << 20 if copy_mb else None, base_engine=base_engine,
-            baseline=baseline, baseline_batches=baseline_batches, peak_tflops=peak_tflops, command=command,
+            baseline=baseline, baseline_batches=baseline_batches, baseline_batch_size=baseline_batch_size,
+            peak_tflops=peak_tflops, command=command,
         )
         report = run_throughput(spec, progress=lambda m: typer.echo(f"  {m}", err=True))
     typer.echo(format_report(report))
@@ -133,7 +138,8 @@ def throughput_command(
 
 def _command_line(recipe: str | None, model: str | None, layers: int | None, num_prompts: int, input_len: int,
                   output_len: int, adapters: int, rank: int, engine: dict[str, Any], base_engine: bool,
-                  baseline: str | None, baseline_batches: int | None) -> str:
+                  baseline: str | None, baseline_batches: int | None,
+                  baseline_batch_size: int | None = None) -> str:
     """The run as one reproducible command (every resolved engine option spelled out)."""
     argv = ["lorax", "bench", "throughput"]
     argv += ["--recipe", recipe] if recipe else ["--model", model] if model else ["--standard"]
@@ -155,6 +161,8 @@ def _command_line(recipe: str | None, model: str | None, layers: int | None, num
         argv += ["--baseline", baseline]
     if baseline_batches:
         argv += ["--baseline-batches", str(baseline_batches)]
+    if baseline_batch_size:
+        argv += ["--baseline-batch-size", str(baseline_batch_size)]
     return shlex.join(argv)
 
 

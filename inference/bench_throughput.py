@@ -300,6 +300,7 @@ class BenchSpec:
     base_engine: bool = True  # also time an engine built without adapters
     baseline: str | None = None  # "hf"
     baseline_batches: int | None = None  # HF sub-batches to run (None: all)
+    baseline_batch_size: int | None = None  # HF sub-batch size (None: the engine's max_num_seqs)
     peak_tflops: float = 788.0
     command: str = ""
 
@@ -398,7 +399,7 @@ def run_throughput(spec: BenchSpec, progress: Progress = lambda _: None) -> dict
         hf = run_hf_baseline(
             json.loads((spec.model_dir / "config.json").read_text()), prompts,
             [wl.adapter_of(i) for i in range(len(prompts))], wl.rank, wl.output_len,
-            batch_size=int(spec.engine.get("max_num_seqs", 64)), device=device,
+            batch_size=spec.baseline_batch_size or int(spec.engine.get("max_num_seqs", 64)), device=device,
             dtype=getattr(torch, dtype), max_batches=spec.baseline_batches, seed=wl.seed, progress=progress,
         )
         report["baseline_hf"] = hf
