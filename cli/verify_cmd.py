@@ -23,7 +23,7 @@ def verify_command(
     kernel_backend: str | None = typer.Option(None, "--kernel-backend", help="auto, torch or triton."),
     load_format: str | None = typer.Option(None, "--load-format", help="auto, safetensors or dummy."),
     tolerance: float | None = typer.Option(
-        None, "--tolerance", help="Max |logprob| difference (default 1e-3 in fp32, 0.25 in 16-bit)."
+        None, "--tolerance", help="Max |logprob| difference (default 1e-3 in fp32, 1.0 in 16-bit)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:

@@ -4,15 +4,18 @@ For every adapter (and the base model) a few probe prompts are generated greedil
 
 - eager: the engine's own kernels, no CUDA graphs;
 - graph: the same engine replaying its decode CUDA graphs (CUDA with the Triton backend only);
-- reference: the pure-torch reference kernels over weights with the adapter *merged in*
+- reference: the pure-torch reference kernels in fp32 over weights with the adapter *merged in*
   (W + B @ A per module and per expert), scored teacher-forced on the eager continuation.
 
-The reference shares nothing with the LoRA path: no slab, no virtual experts, no shrink/expand. Merging
-is done in place on the engine's weights, one adapter at a time; every touched tensor is backed up to
-host memory first and copied back bit-exactly afterwards.
+The reference shares nothing with the LoRA path: no slab, no virtual experts, no shrink/expand. It runs
+in fp32 whatever the engine's dtype (merging into 16-bit weights would round W + dW and hide the very
+differences this looks for), one decoder layer at a time so that only one layer is ever held in fp32;
+the engine's own weight tensors are never written.
 
-Reported per adapter: the largest |logprob| difference of each path against eager, and the first
-token where a path's greedy choice differs from eager's.
+Reported per adapter: the largest |logprob| difference of each path against eager over the chosen
+token and the engine's top 5 at every position (a wrong delta that leaves the argmax alone still moves
+the runners-up), counting tokens with at least 1% probability on either side, and the first token where
+a path's greedy choice differs from eager's.
 """
 
 from __future__ import annotations
@@ -68,8 +71,11 @@ class VerifyReport:
 
 
 def default_tolerance(dtype: torch.dtype) -> float:
-    """Max |logprob| difference accepted: fp32 paths agree to rounding; 16-bit merges round W + dW."""
-    return 1e-3 if dtype == torch.float32 else 0.25
+    """Max |logprob| difference accepted: fp32 paths agree to rounding; a 16-bit engine differs from the
+    fp32 reference by its own rounding."""
+    # 16-bit: the base row (no adapter) shows the engine's own rounding floor against fp32; on the demo
+    # it is ~0.3 nat at low-confidence positions, while a dropped or mis-packed expert LoRA costs nats.
+    return 1e-3 if dtype == torch.float32 else 1.0
 
 
 @contextmanager
@@ -121,52 +127,98 @@ def _merge_targets(llm: LLM, adapter: CanonicalAdapter) -> list[tuple[torch.Tens
 
 
 @contextmanager
-def _merged(llm: LLM, adapter: CanonicalAdapter) -> Iterator[None]:
-    targets = _merge_targets(llm, adapter)
-    backups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for weight, _, _ in targets:
-        if id(weight) not in backups:
-            backups[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
+def _fp32_reference(llm: LLM, adapter: CanonicalAdapter | None) -> Iterator[None]:
+    """Run the model in fp32 with the adapter's deltas merged, one decoder layer at a time.
+
+    Each layer's parameters are swapped for fp32 copies with the deltas added just before the layer
+    runs and swapped back right after, so at most one layer is held in fp32 and the engine's own
+    tensors are never written (no rounding of W + dW to 16 bits, nothing to restore).
+    """
+    model = llm.model
+    pending: dict[int, list[tuple[slice | int | None, torch.Tensor]]] = {}
+    for weight, where, delta in _merge_targets(llm, adapter) if adapter is not None else []:
+        pending.setdefault(id(weight), []).append((where, delta))
+
+    def upcast(module: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+        saved = []
+        for p in module.parameters():
+            full = p.data.float()  # always a copy when p is 16-bit; clone fp32 so merges never touch p
+            full = full.clone() if full.data_ptr() == p.data.data_ptr() else full
+            for where, delta in pending.get(id(p), []):
+                target = full if where is None else full[where]
+                target += delta.to(full.device)
+            saved.append((p, p.data))
+            p.data = full
+        return saved
+
+    live: dict[int, list[tuple[torch.nn.Parameter, torch.Tensor]]] = {}
+
+    def before(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        live[id(module)] = upcast(module)
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def after(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        for p, data in live.pop(id(module)):
+            p.data = data
+
+    hooks = []
+    for module in [*model.layers, model.norm]:
+        hooks.append(module.register_forward_pre_hook(before))
+        hooks.append(module.register_forward_hook(after))
+    head = model.lm_head_weight  # the final projection (tied or not) runs outside any hooked module
+    head_data = head.data
+    head.data = head_data.float()
     try:
-        with torch.no_grad():
-            for weight, where, delta in targets:
-                view = weight if where is None else weight[where]
-                view.copy_((view.float() + delta.to(view.device)).to(view.dtype))
         yield
     finally:
-        with torch.no_grad():
-            for weight, saved in backups.values():
-                weight.copy_(saved.to(weight.device))
+        head.data = head_data
+        for h in hooks:
+            h.remove()
+        for saved in live.values():  # a layer that raised mid-forward
+            for p, data in saved:
+                p.data = data
 
 
-def _generate(llm: LLM, prompts: list[list[int]], adapter: str | None, n: int, graphs: bool) -> list[tuple[list[int], list[float]]]:
+TOP_N = 5  # logprobs compared at each position: the chosen token and the engine's top 5
+PLAUSIBLE = math.log(0.01)  # ...of those, the tokens with >= 1% probability on either side (the far tail
+# of a confident model carries large, meaningless relative rounding in 16 bits)
+
+
+# (generated tokens, per position {token id: logprob} for the chosen token and the top TOP_N)
+Probe = tuple[list[int], list[dict[int, float]]]
+
+
+def _generate(llm: LLM, prompts: list[list[int]], adapter: str | None, n: int, graphs: bool) -> list[Probe]:
     runner = llm.runner
     saved = runner.graphs
     runner.graphs = saved if graphs else None
     try:
         reqs = [
             GenerateRequest(request_id=f"verify-{i}", prompt_token_ids=p, adapter=adapter,
-                            sampling=SamplingParams(max_tokens=n, ignore_eos=True, logprobs=0))
+                            sampling=SamplingParams(max_tokens=n, ignore_eos=True, logprobs=TOP_N))
             for i, p in enumerate(prompts)
         ]
         outs = llm.generate(reqs)
     finally:
         runner.graphs = saved
-    result = []
+    result: list[Probe] = []
     for o in outs:
         if o.error is not None:
             raise RuntimeError(f"verify: probe failed for adapter {adapter!r}: {o.error}")
-        result.append((o.token_ids, [lp.logprob for lp in o.logprobs or []]))
+        result.append((o.token_ids, [{lp.token_id: lp.logprob, **dict(lp.top)} for lp in o.logprobs or []]))
     return result
 
 
-def _reference(llm: LLM, prompt: list[int], tokens: list[int]) -> tuple[list[float], list[int]]:
-    """Teacher-forced logprobs of `tokens` after `prompt`, and the greedy choice at each position."""
+def _reference(llm: LLM, prompt: list[int], tokens: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Teacher-forced fp32 logprobs [len(tokens), V] after `prompt`, and the greedy choice at each position."""
     req = GenerateRequest(request_id="verify-ref", prompt_token_ids=prompt + tokens[:-1], adapter=None)
     logits = llm.prompt_logits(req)[len(prompt) - 1 :]  # rows predicting tokens[0..]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs[torch.arange(len(tokens)), torch.tensor(tokens)].tolist()
-    return chosen, logprobs.argmax(dim=-1).tolist()
+    return logprobs, logprobs.argmax(dim=-1).tolist()
+
+
+def _diffs(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    return [abs(a[t] - b[t]) for t in a.keys() & b.keys() if max(a[t], b[t]) >= PLAUSIBLE]
 
 
 def _first_diff(a: list[int], b: list[int]) -> int | None:
@@ -193,17 +245,18 @@ def verify(
             for (et, el), (gt, gl) in zip(eager, replay, strict=True):
                 d = _first_diff(et, gt)
                 upto = len(et) if d is None else d + 1  # logprobs agree in meaning up to the first split
-                diffs += [abs(x - y) for x, y in zip(el[:upto], gl[:upto], strict=True)]
+                for x, y in zip(el[:upto], gl[:upto], strict=True):
+                    diffs += _diffs(x, y)
                 first = d if first is None else (first if d is None else min(first, d))
             check.graph = PathCheck(max(diffs, default=0.0), first)
         else:
             check.graph = PathCheck(detail="no CUDA graphs on this device/backend")
-        context = _merged(llm, adapters[name]) if name is not None else _null()
         diffs, first = [], None
-        with context, _swapped_ops(llm.model, ref_ops):
+        with _fp32_reference(llm, adapters[name] if name is not None else None), _swapped_ops(llm.model, ref_ops):
             for prompt, (et, el) in zip(prompts, eager, strict=True):
                 ref_lp, ref_greedy = _reference(llm, prompt, et)
-                diffs += [abs(x - y) for x, y in zip(el, ref_lp, strict=True)]
+                for i, x in enumerate(el):
+                    diffs += _diffs(x, {t: float(ref_lp[i, t]) for t in x})
                 d = _first_diff(et, ref_greedy)
                 first = d if first is None else (first if d is None else min(first, d))
         check.reference = PathCheck(max(diffs, default=0.0), first)
@@ -215,11 +268,6 @@ def verify(
                 check.ok = False
         checks.append(check)
     return VerifyReport(str(llm.device), str(llm.dtype).replace("torch.", ""), llm.ops.name, tol, has_graphs, checks)
-
-
-@contextmanager
-def _null() -> Iterator[None]:
-    yield
 
 
 def format_report(report: VerifyReport) -> str:
@@ -236,4 +284,9 @@ def format_report(report: VerifyReport) -> str:
     ]
     for c in report.checks:
         lines.append(f"{c.adapter:<20} {cell(c.graph):<36} {cell(c.reference):<36} {'yes' if c.ok else 'NO'}")
+    if report.dtype != "float32":
+        lines.append(
+            "note: the reference runs in fp32, so the <base> row is this engine's own 16-bit rounding; "
+            "for the strict check of the adapter path run again with --dtype float32"
+        )
     return "\n".join(lines)

@@ -78,3 +78,25 @@ def test_verify_cli_json_on_the_demo() -> None:
     report = json.loads(proc.stdout)
     assert report["ok"] is True and report["graphs"] is False
     assert {c["adapter"] for c in report["checks"]} == {"<base>", "reverse", "upper", "rot13", "swapcase"}
+
+
+def test_bf16_engine_within_default_tolerance_and_dropped_expert_lora_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In bf16 the reference stays fp32: honest rounding passes the 16-bit default; an engine that
+    silently drops the expert LoRA (the slab never written) is flagged for every adapter."""
+    from lorax.inference import lora_pool
+
+    rec = load_recipe("demo")
+    adapters = {n: load_adapter(s, name=n) for n, s in rec.adapters.items()}
+    llm = LLM(rec.model, adapters=dict(adapters), **{**rec.engine, "device": "cpu", "dtype": "bfloat16"})
+    probes = _probes(llm)
+    clean = verify(llm, adapters, probes, max_tokens=6)
+    assert clean.ok, clean
+    monkeypatch.setattr(lora_pool, "_put_moe", lambda slab, slot, m, R: None)
+    for slot in range(llm.pool.S):
+        if llm.pool.slot_name[slot] is not None:
+            llm.pool.evict(slot)
+    report = verify(llm, adapters, probes, max_tokens=6)
+    assert {c.adapter for c in report.checks if not c.ok} == set(adapters)
+    assert all(c.reference.first_divergence is not None for c in report.checks[1:])
