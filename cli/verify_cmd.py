@@ -16,7 +16,7 @@ def verify_command(
     model: str | None = typer.Option(None, "--model", help="Model dir or repo id (default: the demo model)."),
     adapter: list[str] = typer.Option([], "--adapter", help="NAME=SOURCE, repeatable (default: the demo's)."),
     recipe: str | None = typer.Option(None, "--recipe", help="Take model, adapters and engine options from a recipe."),
-    prompt: list[str] = typer.Option([], "--prompt", help="Probe prompt, repeatable (default: a few built-ins)."),
+    prompt: list[str] = typer.Option([], "--prompt", help="Probe prompt, repeatable (default: the recipe's probes, else a few built-ins)."),
     max_tokens: int = typer.Option(16, "--max-tokens", help="Tokens generated per probe."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu or cuda."),
     dtype: str | None = typer.Option(None, "--dtype", help="auto, float32, bfloat16 or float16."),
@@ -43,12 +43,14 @@ def verify_command(
             raise UsageError(f"--adapter expects NAME=SOURCE, got {item!r}")
         sources[name] = src
     engine: dict[str, object] = {}
+    recipe_probes: list[str] = []
     if recipe is not None or model is None:
         rec = load_recipe(recipe or "demo")
         model = model or rec.model
         if not sources:
             sources = dict(rec.adapters)
         engine.update(rec.engine)
+        recipe_probes = rec.probes
     if model is None:
         raise UsageError("no model: give --model or a recipe that names one")
     for key, value in (("device", device), ("dtype", dtype), ("kernel_backend", kernel_backend),
@@ -60,7 +62,7 @@ def verify_command(
         engine["max_loras"] = max(int(engine.get("max_loras", 1)), 1)
         engine["max_lora_rank"] = max([int(engine.get("max_lora_rank", 16))] + [a.rank for a in adapters.values()])
     llm = LLM(model, adapters=dict(adapters), **engine)
-    texts = prompt or list(DEFAULT_PROBES)
+    texts = prompt or recipe_probes or list(DEFAULT_PROBES)
     try:
         tok = llm.tokenizer
         prompts = [tok.encode(t) for t in texts]

@@ -71,7 +71,7 @@ JOB_SCHEMA: dict[str, _Spec] = {
     "served_model_names": ((list,), None, None),  # extra names of the base model for OpenAI body.model
 }
 
-_TOP_KEYS = ("name", "description", "model", "adapters", "engine", "sampling", "job")
+_TOP_KEYS = ("name", "description", "model", "adapters", "engine", "sampling", "job", "probes")
 _SECTIONS = {"engine": ENGINE_SCHEMA, "sampling": SAMPLING_SCHEMA, "job": JOB_SCHEMA}
 
 
@@ -86,6 +86,7 @@ class Recipe:
     engine: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
     job: dict[str, Any] = field(default_factory=dict)
+    probes: list[str] = field(default_factory=list)  # `lorax verify` prompts in the model's own format
 
     def with_overrides(
         self,
@@ -197,6 +198,9 @@ def parse_recipe(data: Any, path: Path) -> Recipe:
         from lorax.inference.chat import load_template_arg
 
         sections["job"]["chat_template"] = load_template_arg(sections["job"]["chat_template"], base)
+    probes = data.get("probes") or []
+    if not isinstance(probes, list) or not all(isinstance(p, str) and p for p in probes):
+        raise ConfigError(f"{src}: key 'probes' must be a list of non-empty strings")
     model = data.get("model")
     return Recipe(
         source=src,
@@ -206,6 +210,7 @@ def parse_recipe(data: Any, path: Path) -> Recipe:
         engine=sections["engine"],
         sampling=sections["sampling"],
         job=sections["job"],
+        probes=list(probes),
     )
 
 

@@ -100,3 +100,14 @@ def test_bf16_engine_within_default_tolerance_and_dropped_expert_lora_caught(
     report = verify(llm, adapters, probes, max_tokens=6)
     assert {c.adapter for c in report.checks if not c.ok} == set(adapters)
     assert all(c.reference.first_divergence is not None for c in report.checks[1:])
+
+
+@pytest.mark.parametrize("bad", [["ok", 3], "abc|", [""]])
+def test_recipe_probes_must_be_a_list_of_strings(tmp_path, bad) -> None:  # type: ignore[no-untyped-def]
+    from lorax.errors import ConfigError
+    from lorax.inference.recipe import parse_recipe
+
+    with pytest.raises(ConfigError, match="probes"):
+        parse_recipe({"model": "m", "probes": bad}, tmp_path / "r.yaml")
+    assert parse_recipe({"model": "m", "probes": ["a|"]}, tmp_path / "r.yaml").probes == ["a|"]
+    assert load_recipe("demo").probes, "the demo recipe gives verify prompts in its own format"
