@@ -4,6 +4,7 @@ reference; prints the largest logprob difference and the first diverging token p
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 
@@ -42,7 +43,7 @@ def verify_command(
         if not sep or not name or not src:
             raise UsageError(f"--adapter expects NAME=SOURCE, got {item!r}")
         sources[name] = src
-    engine: dict[str, object] = {}
+    engine: dict[str, Any] = {}
     recipe_probes: list[str] = []
     if recipe is not None or model is None:
         rec = load_recipe(recipe or "demo")
@@ -58,8 +59,7 @@ def verify_command(
         if value is not None:
             engine[key] = value
     adapters = {name: load_adapter(src, name=name) for name, src in sources.items()}
-    if adapters:
-        engine["max_loras"] = max(int(engine.get("max_loras", 1)), 1)
+    if adapters:  # the slab must hold the largest adapter asked for
         engine["max_lora_rank"] = max([int(engine.get("max_lora_rank", 16))] + [a.rank for a in adapters.values()])
     llm = LLM(model, adapters=dict(adapters), **engine)
     texts = prompt or recipe_probes or list(DEFAULT_PROBES)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -117,7 +118,7 @@ class GraphRunner:
         # copy of the sampled ids back to the host, after which the previous async copies are done.
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> static fp32 logits [bs, V]
-        self.mempool: tuple[int, int] | None = None  # one memory pool shared by every bucket's graph
+        self.mempool: Any = None  # one memory pool shared by every bucket's graph
 
     @torch.inference_mode()
     def capture(self, progress: bool = True) -> None:

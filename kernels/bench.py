@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -253,16 +254,16 @@ def bench_moe(wl: Workload, T: int, device: torch.device, bw: float, peak: float
     for name, lo in (("moe_base", None), ("moe_lora", lora)):
         got = ops.fused_moe(x, w13, w2, weights, ids, lo)
         ref = fused_moe_ref(x, w13, w2, weights, ids, lo)
-        row = BenchRow(name, T, _time([lambda s=s, lo=lo: ops.fused_moe(s[0], w13, w2, s[1], s[2], lo) for s in sets],
+        row = BenchRow(name, T, _time([partial(ops.fused_moe, s[0], w13, w2, s[1], s[2], lo) for s in sets],
                                       device, graph=True),
-                       ref_ms=_time_slow(lambda lo=lo: fused_moe_ref(x, w13, w2, weights, ids, lo), device),
+                       ref_ms=_time_slow(partial(fused_moe_ref, x, w13, w2, weights, ids, lo), device),
                        ref_name="fused_moe_ref", rel_err=_rel_err(got, ref),
                        bytes=moe_bytes(wl, hit, pairs, T, lo is not None),
                        flops=flops + (2 * T * k * 3 * R * (H + I) if lo is not None else 0))
         if lo is None and device.type == "cuda":
             try:
                 fast = moe_grouped_mm(x, w13, w2, weights, ids)
-                row.fast_ms = _time([lambda s=s: moe_grouped_mm(s[0], w13, w2, s[1], s[2]) for s in sets],
+                row.fast_ms = _time([partial(moe_grouped_mm, s[0], w13, w2, s[1], s[2]) for s in sets],
                                     device, graph=True)
                 row.fast_name = f"torch._grouped_mm (rel err {_rel_err(fast, ref):.1e})"
             except Exception as err:  # an older torch or GPU without grouped_mm
@@ -310,13 +311,13 @@ def bench_qkv(wl: Workload, T: int, device: torch.device, bw: float, peak: float
     err = _rel_err(got - y0, ref - y0)  # error of the delta itself
     idx = range(len(sets))
     rows = [
-        BenchRow("qkv_base", T, _time([lambda i=i: base(i) for i in idx], device, graph=True),
+        BenchRow("qkv_base", T, _time([partial(base, i) for i in idx], device, graph=True),
                  bytes=N * H * el + act_bytes, flops=2 * T * H * N, note="torch.matmul (cuBLAS)"),
-        BenchRow("qkv_lora", T, _time([lambda i=i: delta(i) for i in idx], device, graph=True),
+        BenchRow("qkv_lora", T, _time([partial(delta, i) for i in idx], device, graph=True),
                  ref_ms=_time_slow(lambda: lora_linear_ref(x, y0.clone(), sets[0][1], sets[0][2], offs, slot), device),
                  ref_name="lora_linear_ref", rel_err=err, bytes=lora_bytes + T * H * el + 2 * T * N * el,
                  flops=2 * T * R * (3 * H + N), note="delta only, LoraBatch prebuilt"),
-        BenchRow("qkv_base+lora", T, _time([lambda i=i: both(i) for i in idx], device, graph=True),
+        BenchRow("qkv_base+lora", T, _time([partial(both, i) for i in idx], device, graph=True),
                  bytes=N * H * el + lora_bytes + act_bytes + 2 * T * N * el,
                  flops=2 * T * H * N + 2 * T * R * (3 * H + N)),
         BenchRow("lora_batch_build", T, _time([lambda: build_lora_batch(slot, S)], device, graph=True),
@@ -380,7 +381,7 @@ def bench_attention(wl: Workload, T: int, device: torch.device, bw: float, peak:
     got = paged_attention(q, kc, vc, tables[0], ctx, qsl, scale, max_query_len=1)
     ref = paged_attention_ref(q, kc, vc, tables[0], ctx, qsl, scale)
     row = BenchRow("attn_decode", T,
-                   _time([lambda t=t: paged_attention(q, kc, vc, t, ctx, qsl, scale, max_query_len=1, out=out)
+                   _time([partial(paged_attention, q, kc, vc, t, ctx, qsl, scale, max_query_len=1, out=out)
                           for t in tables], device, graph=True),
                    ref_ms=_time_slow(lambda: paged_attention_ref(q, kc, vc, tables[0], ctx, qsl, scale), device),
                    ref_name="paged_attention_ref", rel_err=_rel_err(got, ref),

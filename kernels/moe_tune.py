@@ -22,6 +22,8 @@ import json
 import os
 import time
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 import triton
@@ -86,7 +88,7 @@ def workload(H: int, I: int, E: int, k: int, T: int, sets: int, S: int = 4, R: i
 def time_layer(w13: torch.Tensor, w2: torch.Tensor, routings: list, lora: MoELoraArgs | None,
                cfg: dict[str, int]) -> float:
     """ms per fused_moe call, the routings replayed one after another inside one CUDA graph."""
-    return time_ms([lambda r=r: fused_moe(r[0], w13, w2, r[1], r[2], lora, config=cfg) for r in routings])
+    return time_ms([partial(fused_moe, r[0], w13, w2, r[1], r[2], lora, config=cfg) for r in routings])
 
 
 def layer_bytes(H: int, I: int, E: int, k: int, T: int, ids: torch.Tensor, lora: MoELoraArgs | None) -> int:
@@ -145,11 +147,11 @@ def tune_shape(name: str, tokens: list[int], log: Callable[[str], None]) -> tupl
         table[str(T)] = cfg
         idle = lora._replace(token_slot=torch.full_like(lora.token_slot, -1))  # LoRA on, no token uses it
         idle_ms = time_layer(w13, w2, routings, idle, cfg)
-        align_ms = time_ms([lambda r=r, bm=cfg["BLOCK_M"]: moe_align(r[2], E, bm) for r in routings])
+        align_ms = time_ms([partial(moe_align, r[2], E, cfg["BLOCK_M"]) for r in routings])
         nbytes = layer_bytes(H, I, E, k, T, ids, None)
         flops = 2 * T * k * 3 * H * I
         roof = max(nbytes / (HBM_TB_S * 1e9), flops / (PEAK_TFLOPS * 1e9))
-        row = dict(shape=name, T=T, base_us=base_ms * 1e3, lora_us=lora_best[0] * 1e3,
+        row: dict[str, Any] = dict(shape=name, T=T, base_us=base_ms * 1e3, lora_us=lora_best[0] * 1e3,
                    lora_over_base=lora_best[0] / base_ms, lora_no_token_us=idle_ms * 1e3, align_us=align_ms * 1e3,
                    base_GB_s=nbytes / base_ms / 1e6, base_TFLOP_s=flops / base_ms / 1e9,
                    base_roofline_frac=roof / base_ms, config=cfg)
