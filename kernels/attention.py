@@ -25,9 +25,14 @@ import functools
 
 import torch
 import triton
-import triton.language as tl
 
 from lorax.kernels._common import dot_precision, interpreting
+from lorax.kernels.attention_kernels import (
+    _decode_kernel,
+    _decode_reduce_kernel,
+    _prefill_kernel,
+    _store_kv_kernel,
+)
 from lorax.kernels.lora_sgemm import tuned_config
 
 
@@ -92,38 +97,6 @@ def paged_attention_ref(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _store_kv_kernel(
-    # pointers
-    k_ptr, v_ptr,  # [T, n_kv, D]
-    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, n_kv, D], same strides
-    slot_ptr,  # [T] int64, -1 = skip
-    # sizes
-    n_kv, D, block_size,
-    # strides
-    stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd,
-    stride_cb, stride_co, stride_ch, stride_cd,
-    # meta
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot < 0:
-        return
-    blk = slot // block_size
-    off = slot % block_size
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h < n_kv)[:, None] & (offs_d < D)[None, :]
-    cache_offs = blk * stride_cb + off * stride_co + offs_h[:, None] * stride_ch + offs_d[None, :] * stride_cd
-    k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
-    tl.store(k_cache_ptr + cache_offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)
-    tl.store(v_cache_ptr + cache_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -153,212 +126,9 @@ def store_kv(
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _prefill_kernel(
-    # pointers
-    q_ptr,  # [T, n_h, D]
-    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, n_kv, D], same strides
-    out_ptr,  # [T, n_h, D]
-    tables_ptr,  # [B, max_blocks] int32
-    ctx_ptr,  # [B] int32 cached tokens including this step's
-    qsl_ptr,  # [B + 1] int32 query_start_loc
-    # sizes
-    qk_scale,  # softmax scale * log2(e): the kernel works in base 2
-    block_size,
-    GROUP,  # n_h // n_kv
-    D,
-    # strides
-    stride_qt, stride_qh, stride_qd,
-    stride_cb, stride_co, stride_ch, stride_cd,
-    stride_ot, stride_oh, stride_od,
-    stride_tb,
-    # meta
-    CAST_FP32: tl.constexpr,
-    DOT_PREC: tl.constexpr,  # \"ieee\" for fp32 inputs (no silent tf32), else \"tf32\" (unused by bf16/fp16)
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    q0 = tl.load(qsl_ptr + b)
-    q_len = tl.load(qsl_ptr + b + 1) - q0
-    if pid_m * BLOCK_M >= q_len:
-        return  # tiles past this sequence's queries (grid is sized from the host bound)
-    ctx = tl.load(ctx_ptr + b)
-    kvh = h // GROUP
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < q_len
-    q_pos = ctx - q_len + offs_m  # causal position of each query row
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    rows = (q0 + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    if CAST_FP32:
-        q = q.to(tl.float32)
-
-    # Finite start for the running max: fully masked rows then give exp2(-inf) = 0, never NaN.
-    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    kv_head_off = kvh.to(tl.int64) * stride_ch
-    table_row = tables_ptr + b.to(tl.int64) * stride_tb
-    # Keys past the last query row of this tile are masked anyway: stop the loop there.
-    hi = tl.minimum(ctx, ctx - q_len + (pid_m + 1) * BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
-        k_pos = n0 + tl.arange(0, BLOCK_N)
-        mask_n = k_pos < ctx
-        blk = tl.load(table_row + k_pos // block_size, mask=mask_n, other=0).to(tl.int64)
-        cache_off = blk * stride_cb + (k_pos % block_size) * stride_co + kv_head_off  # [BLOCK_N]
-        kt = tl.load(k_cache_ptr + cache_off[None, :] + offs_d[:, None] * stride_cd,
-                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        vb = tl.load(v_cache_ptr + cache_off[:, None] + offs_d[None, :] * stride_cd,
-                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if CAST_FP32:
-            kt = kt.to(tl.float32)
-            vb = vb.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        keep = (k_pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
-        m_i = m_new
-
-    l_safe = tl.where(l_i > 0, l_i, 1.0)  # ctx 0: no keys, output 0 like the reference
-    o = acc / l_safe[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
-             o.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-
-
 # ----------------------------------------------------------------------------------------------
 # Decode (one query per sequence, paged, GQA heads of a KV head packed into one tile, split-K)
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _decode_kernel(
-    # pointers
-    q_ptr,  # [T, n_h, D]
-    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, n_kv, D], same strides
-    out_ptr,  # [T, n_h, D] (written when not SPLIT)
-    part_o_ptr,  # [B, n_h, num_splits, D] fp32 normalised partial outputs (SPLIT)
-    part_ml_ptr,  # [B, n_h, num_splits, 2] fp32 (running max, sum of exp) per split (SPLIT)
-    tables_ptr, ctx_ptr, qsl_ptr,
-    # sizes
-    qk_scale,
-    block_size,
-    GROUP,
-    D,
-    n_h,
-    num_splits,
-    partition,  # keys per split, a multiple of BLOCK_N
-    # strides
-    stride_qt, stride_qh, stride_qd,
-    stride_cb, stride_co, stride_ch, stride_cd,
-    stride_ot, stride_oh, stride_od,
-    stride_tb,
-    # meta
-    SPLIT: tl.constexpr,
-    CAST_FP32: tl.constexpr,
-    DOT_PREC: tl.constexpr,  # \"ieee\" for fp32 inputs (no silent tf32), else \"tf32\" (unused by bf16/fp16)
-    BLOCK_G: tl.constexpr,  # >= GROUP and >= 16 (tl.dot's minimum)
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    q0 = tl.load(qsl_ptr + b)
-    if tl.load(qsl_ptr + b + 1) == q0:
-        return  # q_len 0: this sequence has no query this step
-    ctx = tl.load(ctx_ptr + b)
-    start = split * partition
-    if split > 0 and start >= ctx:
-        return  # the reduce reads only splits that hold keys
-
-    offs_g = tl.arange(0, BLOCK_G)
-    mask_g = offs_g < GROUP
-    heads = kvh * GROUP + offs_g
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    q = tl.load(q_ptr + q0.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-    if CAST_FP32:
-        q = q.to(tl.float32)
-
-    m_i = tl.full((BLOCK_G,), -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
-    kv_head_off = kvh.to(tl.int64) * stride_ch
-    table_row = tables_ptr + b.to(tl.int64) * stride_tb
-    end = tl.minimum(ctx, start + partition)
-    for n0 in range(start, end, BLOCK_N):
-        k_pos = n0 + tl.arange(0, BLOCK_N)
-        mask_n = k_pos < end
-        blk = tl.load(table_row + k_pos // block_size, mask=mask_n, other=0).to(tl.int64)
-        cache_off = blk * stride_cb + (k_pos % block_size) * stride_co + kv_head_off
-        kt = tl.load(k_cache_ptr + cache_off[None, :] + offs_d[:, None] * stride_cd,
-                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-        vb = tl.load(v_cache_ptr + cache_off[:, None] + offs_d[None, :] * stride_cd,
-                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if CAST_FP32:
-            kt = kt.to(tl.float32)
-            vb = vb.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # the decode query is the last position: every key < ctx is visible
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
-        m_i = m_new
-
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if SPLIT:
-        row = (b.to(tl.int64) * n_h + heads) * num_splits + split  # [BLOCK_G]
-        tl.store(part_o_ptr + row[:, None] * D + offs_d[None, :], o, mask=mask_g[:, None] & mask_d[None, :])
-        tl.store(part_ml_ptr + row * 2, m_i, mask=mask_g)
-        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=mask_g)
-    else:
-        tl.store(out_ptr + q0.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 o.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    part_o_ptr, part_ml_ptr,  # as written by _decode_kernel
-    out_ptr, ctx_ptr, qsl_ptr,
-    D, n_h, num_splits, partition,
-    stride_ot, stride_oh, stride_od,
-    BLOCK_S: tl.constexpr,  # >= num_splits
-    BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    q0 = tl.load(qsl_ptr + b)
-    if tl.load(qsl_ptr + b + 1) == q0:
-        return
-    ctx = tl.load(ctx_ptr + b)
-    n_valid = tl.maximum(tl.cdiv(ctx, partition), 1)  # split 0 always wrote (zeros when ctx is 0)
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < n_valid
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    row = (b.to(tl.int64) * n_h + h) * num_splits + offs_s
-    m = tl.load(part_ml_ptr + row * 2, mask=mask_s, other=-1.0e30)
-    l = tl.load(part_ml_ptr + row * 2 + 1, mask=mask_s, other=0.0)
-    o = tl.load(part_o_ptr + row[:, None] * D + offs_d[None, :], mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-    w = l * tl.exp2(m - tl.max(m, 0))  # each split's share of the softmax denominator
-    total = tl.sum(w, 0)
-    res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + q0.to(tl.int64) * stride_ot + h * stride_oh + offs_d * stride_od,
-             res.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------

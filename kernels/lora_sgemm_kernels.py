@@ -1,0 +1,166 @@
+"""The Triton kernels behind kernels/lora_sgemm.py (contracts, launchers and references live there)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    # pointers
+    x_ptr,  # [T, K] activations
+    a_ptr,  # [S, N_SLICES * R, K] LoRA A slab
+    z_ptr,  # [SPLIT_K, T, N_SLICES * R] fp32 partial sums, row = position in sorted order
+    sorted_ptr,  # [T] int32 token rows sorted by slot
+    seg_start_ptr,  # [S] int32
+    seg_len_ptr,  # [S] int32
+    slot_rank_ptr,  # [S] int32 (read only when HAS_RANK)
+    # sizes
+    K,
+    R,  # rank stride between slices (the slab's max rank)
+    k_per_split,  # K columns per split, a multiple of BLOCK_K
+    # strides
+    stride_xt, stride_xk,
+    stride_as, stride_ar, stride_ak,
+    stride_zs, stride_zt, stride_zr,
+    # meta
+    SPLIT_K: tl.constexpr,  # K is cut into SPLIT_K ranges, each written to its own z slab (no atomics)
+    HAS_RANK: tl.constexpr,
+    CAST_FP32: tl.constexpr,  # interpreter: bf16 tl.dot is wrong there
+    DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else "tf32" (unused by bf16/fp16)
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # next power of two >= R, >= 16
+    BLOCK_K: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    slice_idx = tl.program_id(2) // SPLIT_K
+    split = tl.program_id(2) % SPLIT_K
+    seg_len = tl.load(seg_len_ptr + slot)
+    if pid_m * BLOCK_M >= seg_len:
+        return  # empty segment or rows past it: exit before any load
+    seg_start = tl.load(seg_start_ptr + slot)
+    rank = R
+    if HAS_RANK:
+        rank = tl.minimum(tl.load(slot_rank_ptr + slot), R)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seg_len
+    tok = tl.load(sorted_ptr + seg_start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    offs_k = tl.arange(0, BLOCK_K)
+
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + (k_lo + offs_k)[None, :] * stride_xk
+    a_rows = (slice_idx * R + offs_r).to(tl.int64)
+    a_ptrs = (a_ptr + slot.to(tl.int64) * stride_as + a_rows[None, :] * stride_ar
+              + (k_lo + offs_k)[:, None] * stride_ak)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        mask_k = offs_k < k_hi - k0
+        xb = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        ab = tl.load(a_ptrs, mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
+        if CAST_FP32:
+            xb = xb.to(tl.float32)
+            ab = ab.to(tl.float32)
+        acc += tl.dot(xb, ab, input_precision=DOT_PREC)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+
+    pos = (seg_start + offs_m).to(tl.int64)
+    z_ptrs = z_ptr + split * stride_zs + pos[:, None] * stride_zt + (slice_idx * R + offs_r)[None, :] * stride_zr
+    tl.store(z_ptrs, acc, mask=mask_m[:, None] & (offs_r < R)[None, :])
+
+
+
+@triton.jit
+def _lora_expand_kernel(
+    # pointers
+    x_ptr,  # [T, K] activations (read only when SHRINK_INLINE)
+    a_ptr,  # [S, N_SLICES * R, K] (read only when SHRINK_INLINE)
+    z_ptr,  # [SPLIT_K, T, N_SLICES * R] fp32 from the shrink launch (read only when not SHRINK_INLINE)
+    b_ptr,  # [S, N_out, R] LoRA B slab
+    y_ptr,  # [T, N_out] updated in place
+    tiles_ptr,  # [n_tiles, 3] int32: (slice, first column, slice end column)
+    sorted_ptr, seg_start_ptr, seg_len_ptr, slot_rank_ptr,
+    # sizes
+    K,
+    R,
+    # strides
+    stride_xt, stride_xk,
+    stride_as, stride_ar, stride_ak,
+    stride_zs, stride_zt, stride_zr,
+    stride_bs, stride_bn, stride_br,
+    stride_yt, stride_yn,
+    # meta
+    SPLIT_K: tl.constexpr,  # z slabs to sum (deterministic split-K of the shrink)
+    SHRINK_INLINE: tl.constexpr,
+    HAS_RANK: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else "tf32" (unused by bf16/fp16)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    tile = tl.program_id(2)
+    seg_len = tl.load(seg_len_ptr + slot)
+    if pid_m * BLOCK_M >= seg_len:
+        return
+    seg_start = tl.load(seg_start_ptr + slot)
+    slice_idx = tl.load(tiles_ptr + tile * 3)
+    n0 = tl.load(tiles_ptr + tile * 3 + 1)
+    n_end = tl.load(tiles_ptr + tile * 3 + 2)
+    rank = R
+    if HAS_RANK:
+        rank = tl.minimum(tl.load(slot_rank_ptr + slot), R)
+    slot64 = slot.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seg_len
+    tok = tl.load(sorted_ptr + seg_start + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+
+    # z [BLOCK_M, BLOCK_R] fp32: this slice's shrink for the tile's rows.
+    if SHRINK_INLINE:
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk
+        a_rows = (slice_idx * R + offs_r).to(tl.int64)
+        a_ptrs = a_ptr + slot64 * stride_as + a_rows[None, :] * stride_ar + offs_k[:, None] * stride_ak
+        z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = offs_k < K - k0
+            xb = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            ab = tl.load(a_ptrs, mask=mask_r[None, :] & mask_k[:, None], other=0.0)
+            if CAST_FP32:
+                xb = xb.to(tl.float32)
+                ab = ab.to(tl.float32)
+            z += tl.dot(xb, ab, input_precision=DOT_PREC)
+            x_ptrs += BLOCK_K * stride_xk
+            a_ptrs += BLOCK_K * stride_ak
+    else:
+        pos = (seg_start + offs_m).to(tl.int64)
+        z_ptrs = z_ptr + pos[:, None] * stride_zt + (slice_idx * R + offs_r)[None, :] * stride_zr
+        z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for ks in tl.static_range(SPLIT_K):
+            z += tl.load(z_ptrs + ks * stride_zs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    z = tl.where(mask_r[None, :], z, 0.0)  # ranks past slot_rank contribute nothing
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_end
+    b_ptrs = b_ptr + slot64 * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
+    bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+    if CAST_FP32:
+        delta = tl.dot(z, bt.to(tl.float32), input_precision=DOT_PREC)
+    else:
+        delta = tl.dot(z.to(bt.dtype), bt, input_precision=DOT_PREC)
+    y_ptrs = y_ptr + tok[:, None] * stride_yt + offs_n[None, :] * stride_yn
+    mask = mask_m[:, None] & mask_n[None, :]
+    y_old = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y_old.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
