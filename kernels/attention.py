@@ -244,8 +244,10 @@ def paged_attention(
     ctx_bound = max_context_len if max_context_len is not None else block_tables.shape[1] * bs
     ctx_bound = max(1, int(ctx_bound))
     splits = max(1, int(num_splits)) if num_splits is not None else decode_splits(B, n_kv, ctx_bound, q.device)
-    # Keys per split, a whole number of BLOCK_N; splits whose range starts past a context exit at once.
-    partition = triton.cdiv(triton.cdiv(ctx_bound, splits), block_n) * block_n
+    # Each sequence's keys per split are worked out in the kernel from its own context, a whole number
+    # of BLOCK_N and at least min_partition (256 keys by default; one block when a caller forces the
+    # split count); splits whose range starts past a context exit at once.
+    min_partition = block_n if num_splits is not None else triton.cdiv(256, block_n) * block_n
     split = splits > 1
     if split:
         need = decode_workspace_size(B, n_h, D, splits)
@@ -259,7 +261,7 @@ def paged_attention(
         part_o = part_ml = out  # unused
     _decode_kernel[(B, n_kv, splits)](
         q, k_cache, v_cache, out, part_o, part_ml, block_tables, context_lens, query_start_loc,
-        qk_scale, bs, group, D, n_h, splits, partition,
+        qk_scale, bs, group, D, n_h, splits, min_partition,
         q.stride(0), q.stride(1), q.stride(2),
         *common_strides,
         SPLIT=split, CAST_FP32=cast, DOT_PREC=dot_precision(q.dtype), BLOCK_G=max(16, triton.next_power_of_2(group)),
@@ -268,7 +270,7 @@ def paged_attention(
     if split:
         _decode_reduce_kernel[(B, n_h)](
             part_o, part_ml, out, context_lens, query_start_loc,
-            D, n_h, splits, partition,
+            D, n_h, splits, block_n, min_partition,
             out.stride(0), out.stride(1), out.stride(2),
             BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
         )

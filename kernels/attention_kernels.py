@@ -139,7 +139,7 @@ def _decode_kernel(
     D,
     n_h,
     num_splits,
-    partition,  # keys per split, a multiple of BLOCK_N
+    min_partition,  # fewest keys a split takes, a multiple of BLOCK_N
     # strides
     stride_qt, stride_qh, stride_qd,
     stride_cb, stride_co, stride_ch, stride_cd,
@@ -160,6 +160,9 @@ def _decode_kernel(
     if tl.load(qsl_ptr + b + 1) == q0:
         return  # q_len 0: this sequence has no query this step
     ctx = tl.load(ctx_ptr + b)
+    # Keys per split from this sequence's own context (not the host bound a CUDA graph was captured
+    # with), so a short context still spreads over several splits.
+    partition = tl.maximum(tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N, min_partition)
     start = split * partition
     if split > 0 and start >= ctx:
         return  # the reduce reads only splits that hold keys
@@ -217,7 +220,7 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     part_o_ptr, part_ml_ptr,  # as written by _decode_kernel
     out_ptr, ctx_ptr, qsl_ptr,
-    D, n_h, num_splits, partition,
+    D, n_h, num_splits, block_n, min_partition,  # as given to _decode_kernel
     stride_ot, stride_oh, stride_od,
     BLOCK_S: tl.constexpr,  # >= num_splits
     BLOCK_D: tl.constexpr,
@@ -228,6 +231,7 @@ def _decode_reduce_kernel(
     if tl.load(qsl_ptr + b + 1) == q0:
         return
     ctx = tl.load(ctx_ptr + b)
+    partition = tl.maximum(tl.cdiv(tl.cdiv(ctx, num_splits), block_n) * block_n, min_partition)
     n_valid = tl.maximum(tl.cdiv(ctx, partition), 1)  # split 0 always wrote (zeros when ctx is 0)
     offs_s = tl.arange(0, BLOCK_S)
     mask_s = offs_s < n_valid

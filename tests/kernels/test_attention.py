@@ -194,3 +194,18 @@ def test_decode_cuda_graph_replay():
         torch.cuda.synchronize()
         expect = paged_attention_ref(q, kc, vc, tables, ctx, qsl, D**-0.5)
         torch.testing.assert_close(out, expect, atol=TOL[torch.bfloat16][0], rtol=TOL[torch.bfloat16][1])
+
+
+@pytest.mark.parametrize("ctx_lens", [[300, 5, 700], [1, 520], [0, 260]])
+def test_decode_under_a_graph_sized_bound_splits_each_context_by_its_own_length(ctx_lens, device):
+    """A CUDA graph passes the block table at max_model_len width (here 4096 keys) while contexts are
+    short: the kernel sizes each sequence's splits from its own context; the merged result must match."""
+    q, kc, vc, tables, ctx, qsl = _setup(ctx_lens, [1] * len(ctx_lens), 4, 2, 16, 16, torch.float32, device)
+    wide = torch.zeros(tables.shape[0], 4096 // 16, dtype=torch.int32, device=tables.device)
+    wide[:, : tables.shape[1]] = tables
+    scale = 16**-0.5
+    expect = paged_attention_ref(q, kc, vc, wide, ctx, qsl, scale)
+    for splits in (None, 8):
+        got = paged_attention(q, kc, vc, wide, ctx, qsl, scale, max_query_len=1, num_splits=splits,
+                              max_context_len=4096)
+        torch.testing.assert_close(got, expect, atol=2e-4, rtol=2e-4)
