@@ -66,7 +66,9 @@ def test_convert_peak_memory_is_near_one_layer(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     mem = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"peak RSS growth: convert {mem['convert'] / 2**20:.1f} MB, load_adapter {mem['load'] / 2**20:.1f} MB")
-    assert mem["load"] > 0.9 * total, mem  # the yardstick sees a whole adapter in memory
+    # The yardstick: the same RSS measurement sees (most of) a whole adapter when it is all loaded; seen
+    # 172-220 MB for the 192 MB file (page reuse makes it noisy), so the bar is 3/4 of it.
+    assert mem["load"] > 0.75 * total, mem
     assert mem["convert"] < total // 4, f"convert peak grew by {mem['convert'] / 2**20:.1f} MB for a 192 MB adapter"
     assert (tmp_path / "out" / "adapter_model.safetensors").stat().st_size > total
 
