@@ -32,7 +32,6 @@ then ``save_pretrained``) and reloaded with ``PeftModel.from_pretrained`` to che
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import math
 import random
@@ -47,7 +46,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+from lorax.recipes.demo_tasks import ADAPTER_LAYOUTS, ALPHABET, TASKS
+
 MIN_LEN, MAX_LEN = 1, 12
 PAD, BOS, EOS, BYTE_OFFSET = 0, 1, 2, 3
 SEP = "|"
@@ -55,15 +55,7 @@ RANK, ALPHA = 16, 32
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 BASE_NAME = "lorax-demo-qwen3-moe"  # recorded in adapter_config.json; the base ships at recipes/demo/model
 
-TASKS: dict[str, Callable[[str], str]] = {
-    "copy": lambda s: s,
-    "reverse": lambda s: s[::-1],
-    "upper": str.upper,
-    "rot13": lambda s: codecs.encode(s, "rot13"),
-    "swapcase": str.swapcase,
-}
-# adapter name -> expert layout it is trained and stored in
-ADAPTERS = {"reverse": "fused", "upper": "per-expert", "rot13": "fused", "swapcase": "shared-outer"}
+ADAPTERS = ADAPTER_LAYOUTS  # adapter name -> expert layout it is trained and stored in
 
 
 def model_config() -> dict:

@@ -10,10 +10,8 @@ Run with `-s` to see the exact-match figure of each task.
 
 from __future__ import annotations
 
-import codecs
 import json
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,23 +22,16 @@ peft = pytest.importorskip("peft")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from lorax.recipes.demo_tasks import ADAPTER_LAYOUTS, ALPHABET, TASKS  # noqa: E402 (data only)
+
 DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo"
 MODEL = DEMO / "model"
 ADAPTERS = DEMO / "adapters"
-ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 THRESHOLD = 0.98
 N_HELD_OUT = 100
 PAD, BOS, EOS = 0, 1, 2
 
-TASKS: dict[str, Callable[[str], str]] = {
-    "copy": lambda s: s,
-    "reverse": lambda s: s[::-1],
-    "upper": str.upper,
-    "rot13": lambda s: codecs.encode(s, "rot13"),
-    "swapcase": str.swapcase,
-}
-# name -> (layout, loaded by PEFT?)
-LAYOUTS = {"reverse": "fused", "upper": "per-expert", "rot13": "fused", "swapcase": "shared-outer"}
+LAYOUTS = ADAPTER_LAYOUTS
 
 pytestmark = [
     pytest.mark.slow,

@@ -5,27 +5,18 @@ shared-outer one, which PEFT cannot read, with its canonical deltas merged into 
 
 from __future__ import annotations
 
-import codecs
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from lorax.inference import LLM, GenerateRequest, SamplingParams
+from lorax.recipes.demo_tasks import ALPHABET, TASKS
 
 from .tiny_models import ENGINE
 
 DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo"
-ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-TASKS: dict[str, Callable[[str], str]] = {
-    "copy": lambda s: s,
-    "reverse": lambda s: s[::-1],
-    "upper": str.upper,
-    "rot13": lambda s: codecs.encode(s, "rot13"),
-    "swapcase": str.swapcase,
-}
 THRESHOLD = 0.98
 N_HELD_OUT = 100
 # adapters PEFT itself loads (fused target_parameters; legacy per-expert keys, which PEFT converts)
