@@ -23,6 +23,7 @@ import torch
 from lorax.adapters.canonical import CanonicalAdapter
 from lorax.errors import AdapterError, ConfigError
 from lorax.inference.config import EngineConfig, ModelConfig
+from lorax.inference.graph import GraphRunner
 from lorax.inference.kv_cache import KVCache, plan_num_blocks
 from lorax.inference.lora_pool import LoraPool, check_adapter
 from lorax.inference.model_runner import ModelRunner
@@ -191,16 +192,8 @@ class LLM:
         # The torch references synchronise with the host, so only the Triton backend can be captured.
         return self.device.type == "cuda" and not self.config.enforce_eager and self.ops.name == "triton"
 
-    def _graph_runner(self, max_len: int) -> Any:
-        try:
-            from lorax.inference.graph import GraphRunner
-        except ImportError:
-            log.warning("CUDA graphs unavailable in this build; running decode eagerly")
-            return None
-        has_lora = self.pool is not None and self.pool.has_slabs
-        return GraphRunner(
-            self.model, self.config.max_num_seqs, max_len, self.config.block_size, has_lora, self.device, self.pool
-        )
+    def _graph_runner(self, max_len: int) -> GraphRunner:
+        return GraphRunner(self.model, self.config.max_num_seqs, max_len, self.config.block_size, self.device, self.pool)
 
     # ---- properties of the public API -----------------------------------------------------------
     @property

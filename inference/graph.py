@@ -96,15 +96,15 @@ class GraphRunner:
         max_num_seqs: int,
         max_model_len: int,
         block_size: int,
-        has_lora: bool,
         device: torch.device,
         pool: LoraPool | None = None,
     ) -> None:
         self.model = model
-        self.pool = pool if has_lora else None
+        # Captured with LoRA on whenever the engine has adapter slabs at all (kernels skip empty slots).
+        self.pool = pool if pool is not None and pool.has_slabs else None
+        self.has_lora = self.pool is not None
         self.block_size = block_size
         self.device = device
-        self.has_lora = has_lora  # captured with LoRA on when the engine has adapters at all
         self.buckets = graph_buckets(max_num_seqs)
         self.max_blocks = -(-max_model_len // block_size)
         self.bufs = DecodeBuffers.allocate(self.buckets[-1], self.max_blocks, device)

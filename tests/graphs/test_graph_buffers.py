@@ -60,8 +60,7 @@ class _Model(torch.nn.Module):
 
 def test_fill_writes_step_metadata_and_pads_rows_onto_the_dummy_block() -> None:
     block = 4
-    runner = GraphRunner(_Model(), max_num_seqs=8, max_model_len=32, block_size=block, has_lora=True,
-                         device=torch.device("cpu"))
+    runner = GraphRunner(_Model(), max_num_seqs=8, max_model_len=32, block_size=block, device=torch.device("cpu"))
     seqs = [
         _Seq([5, 6, 7], [3], slot=1),  # next position 2 in block 3
         _Seq(list(range(9)), [2, 7, 4], slot=-1),  # position 8 -> block index 2 = block 4, offset 0
