@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from lorax.kernels._common import use_pdl
 from lorax.kernels.fused_moe_kernels import _down_kernel, _gate_up_kernel, _topk_sum_kernel
 from lorax.kernels.moe_align import interpreting, moe_align, virtual_expert_ids_ref
 from lorax.kernels.moe_lora import (
@@ -243,7 +244,8 @@ def fused_moe(
     if x.dtype == torch.float32 and not cast:
         cfg = {**cfg, "BLOCK_K_GU": min(cfg["BLOCK_K_GU"], 64), "BLOCK_K_D": min(cfg["BLOCK_K_D"], 64),
                "num_stages": min(cfg["num_stages"], 2)}
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    pdl = use_pdl(x.device)
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], USE_PDL=pdl, launch_pdl=pdl)
 
     has_lora = lora is not None
     S = R = 0
@@ -308,6 +310,6 @@ def fused_moe(
         T, topk, E, H, S, R,
         buf.ypair.stride(0), y.stride(0), *(sh_b.stride() if has_shared else (0, 0, 0)),
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=br, HAS_SHARED=has_shared, CAST_FP32=cast, DOT_PREC=prec,
-        num_warps=4,
+        num_warps=4, USE_PDL=pdl, launch_pdl=pdl,
     )
     return y

@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lorax.kernels._common import pdl_trigger, pdl_wait
+
 
 @triton.jit
 def _block_rows(pid, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, num_pid_n, N,
@@ -57,7 +59,14 @@ def _gate_up_kernel(
     HAS_LORA: tl.constexpr, HAS_SHARED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
     SG: tl.constexpr,  # slots stacked per LoRA dot (power of two)
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_PDL: tl.constexpr,  # with LoRA the previous launch is the shrink: only the epilogue waits for it
 ):
+    if HAS_LORA:
+        # the shrink writes only zgu/zsh, read after pdl_wait below: the main loop overlaps it
+        pdl_trigger(USE_PDL)
+    else:
+        pdl_wait(USE_PDL)
+        pdl_trigger(USE_PDL)
     # each program owns BLOCK_N gate columns and the matching BLOCK_N up columns of one block of pairs
     num_pid_n = tl.cdiv(I, BLOCK_N)
     ok, expert, rows, pid_n = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr,
@@ -105,6 +114,7 @@ def _gate_up_kernel(
             q_s = offs_q // BLOCK_R  # slot (within the group) of stacked column q
             q_r = offs_q % BLOCK_R  # rank index of stacked column q
             if any_lora:
+                pdl_wait(USE_PDL)
                 z_ptrs = zgu_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R) + q_r[None, :]
                 zs_ptrs = zsh_ptr + token[:, None] * (SPLIT * 2 * BLOCK_R) + q_r[None, :]
                 b_ptrs = (gu_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
@@ -157,6 +167,8 @@ def _gate_up_kernel(
                 offs_r = tl.arange(0, BLOCK_R)
                 zdp_ptrs = zdp_ptr + (rows.to(tl.int64)[:, None] * num_pid_n + pid_n) * BLOCK_R + offs_r[None, :]
                 tl.store(zdp_ptrs, zd, mask=has[:, None])
+    if HAS_LORA:
+        pdl_wait(USE_PDL)  # every program: this launch finishing implies the shrink finished
 
 
 @triton.jit
@@ -204,7 +216,10 @@ def _down_kernel(
     NT_CHUNK: tl.constexpr,  # partials per vector load (the loop over chunks is unrolled)
     SG: tl.constexpr,
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
+    pdl_trigger(USE_PDL)
     num_pid_n = tl.cdiv(H, BLOCK_N)
     ok, expert, rows, pid_n = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr,
                                           num_padded_ptr, num_pid_n, N, GROUP_M, BLOCK_M)
@@ -287,7 +302,9 @@ def _topk_sum_kernel(
     # meta
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
     # deterministic top-k reduction (fixed j order, fp32), plus the shared-outer down expand once per token
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)

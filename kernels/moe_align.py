@@ -95,7 +95,7 @@ def virtual_expert_ids_ref(topk_ids: torch.Tensor, token_slot: torch.Tensor, num
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from lorax.kernels._common import interpreting  # noqa: E402,F401  (re-exported for fused_moe)
+from lorax.kernels._common import interpreting, pdl_trigger, use_pdl  # noqa: E402,F401  (interpreting: re-exported)
 
 
 @triton.jit
@@ -215,6 +215,7 @@ def _moe_align_one_program_kernel(
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,  # outputs
     N, TOPK, base_experts, num_experts, block_m, max_blocks,
     HAS_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Small inputs (decode): the three passes in one program, phases separated by CTA barriers.
 
@@ -222,7 +223,11 @@ def _moe_align_one_program_kernel(
     with volatile loads so no stale L1 line is used. Saves two launches and the memset on decode.
     Block owners and pads are written expert by expert (stores only: no dependent-load chains, which
     a single program would pay for in latency).
+
+    With PDL the next launch (fused_moe's LoRA shrink or gate_up GEMM, both waiting before they read
+    anything) is let in at once, so its launch latency hides behind this program.
     """
+    pdl_trigger(USE_PDL)
     for e0 in range(0, num_experts, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         tl.store(counts_ptr + offs_e, tl.zeros([BLOCK_E], dtype=tl.int32), mask=offs_e < num_experts)
@@ -326,7 +331,7 @@ def moe_align(
         _moe_align_one_program_kernel[(1,)](
             ids, slot_arg, counts, starts, rank, out.sorted_ids, out.block_expert, out.num_padded,
             num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks,
-            HAS_SLOT=has_slot, BLOCK_N=256, BLOCK_E=1024, BLOCK_B=1024, num_warps=8,
+            HAS_SLOT=has_slot, BLOCK_N=256, BLOCK_E=1024, BLOCK_B=1024, num_warps=8, USE_PDL=use_pdl(device),
         )
         return out
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)

@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lorax.kernels._common import pdl_trigger, pdl_wait, use_pdl
+
 
 class MoELoraArgs(NamedTuple):
     token_slot: torch.Tensor  # [T] int32, -1 = no adapter
@@ -180,8 +182,11 @@ def _moe_lora_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
     SG: tl.constexpr,  # slots stacked per dot (power of two)
     HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # grid: (max_blocks [+ token blocks when HAS_SHARED], SPLIT)
+    pdl_wait(USE_PDL)  # the alignment
+    pdl_trigger(USE_PDL)  # the gate_up GEMM may start: it reads our output only after its own wait
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     if pid < max_blocks:
@@ -242,6 +247,7 @@ def moe_lora_shrink(
     sh_a = lora.shared_gate_up_A if has_shared else lora.gate_up_A
     assert sh_a is not None
     k_chunk = triton.cdiv(triton.cdiv(H, split), block_k) * block_k
+    pdl = use_pdl(x.device)
     grid = (max_blocks + (triton.cdiv(T, block_m) if has_shared else 0), split)
     sh_strides = (sh_a.stride(0), sh_a.stride(1), sh_a.stride(2)) if has_shared else (0, 0, 0)
     _moe_lora_shrink_kernel[grid](
@@ -253,5 +259,5 @@ def moe_lora_shrink(
         *sh_strides,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, SPLIT=split, HAS_SHARED=has_shared,
         SG=min(triton.next_power_of_2(max(S, 1)), max(1, 64 // br), max(1, 1024 // (block_m * br))),
-        CAST_FP32=cast_fp32, DOT_PREC=dot_prec, num_warps=num_warps,
+        CAST_FP32=cast_fp32, DOT_PREC=dot_prec, USE_PDL=pdl, num_warps=num_warps, launch_pdl=pdl,
     )
