@@ -9,6 +9,9 @@ Contract of `lora_linear` (Triton) and `lora_linear_ref`; adds the delta into y 
     slice_offsets host tuple of n_slices + 1 ints, offsets[0] == 0, offsets[-1] == out_total
     token_slot    [T] int32, -1 = no adapter (row untouched); ids >= S are treated as -1
     slot_rank     optional [S] int32: slot s uses only ranks [0, slot_rank[s]) (the rest is ignored)
+    base          optional callable that writes the base layer's output into y (keyword-only); both
+                  implementations run it before adding the delta, the Triton one with the shrink
+                  running beside it on a side stream (the shrink reads only x)
     batch, scratch, mode: Triton hints (keyword-only) that the reference accepts and ignores
 
     y[t, o_i:o_{i+1}] += B[s, o_i:o_{i+1}] @ (A[s, i*R:(i+1)*R] @ x[t])     for s = token_slot[t] >= 0
@@ -31,16 +34,18 @@ forced with `mode=`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 import triton
 
-from lorax.kernels._common import dot_precision, interpreting
-from lorax.kernels.lora_sgemm_kernels import _lora_expand_kernel, _lora_shrink_kernel
+from lorax.kernels._common import dot_precision, interpreting, use_pdl
+from lorax.kernels.lora_sgemm_kernels import _lora_add_kernel, _lora_expand_kernel, _lora_shrink_kernel
 
 
 def lora_linear_ref(
@@ -55,9 +60,12 @@ def lora_linear_ref(
     slot_rank: torch.Tensor | None = None,
     scratch: torch.Tensor | None = None,
     mode: str = "auto",
+    base: Callable[[], object] | None = None,
 ) -> torch.Tensor:
     """Reference (host-synchronising). batch/scratch/mode are Triton hints, accepted so that layers
-    call either backend the same way; slot_rank is honoured."""
+    call either backend the same way; slot_rank is honoured; `base` (if given) runs first."""
+    if base is not None:
+        base()
     R = B.shape[-1]
     slot = token_slot.long()
     slot = torch.where(slot < A.shape[0], slot, torch.full_like(slot, -1))
@@ -225,6 +233,41 @@ def _check(
         raise ValueError("lora_linear: all tensors must be on one device")
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+# `base=` forks the delta onto a side stream up to this many tokens (decode-sized steps: there the
+# delta's launches, not its bytes, are what it costs); LORAX_LORA_FORK=0 never forks, =1 always does.
+FORK_MAX_TOKENS = 256
+ADD_BLOCK_T, ADD_BLOCK_N = 4, 1024
+
+
+def _fork(T: int, device: torch.device) -> bool:
+    flag = os.environ.get("LORAX_LORA_FORK", "auto")
+    # on the CPU only when forced: the same kernels then run in order (how CI tests this path)
+    return flag == "1" or (flag != "0" and device.type == "cuda" and T <= FORK_MAX_TOKENS)
+
+
+@contextlib.contextmanager
+def _beside(base: Callable[[], object], device: torch.device) -> Iterator[None]:
+    """Run the body on a side stream while `base()` runs on the current stream; join after both.
+
+    Fork and join are event record/wait pairs: no host sync, and inside a CUDA-graph capture they
+    become two parallel branches of the graph.
+    """
+    if device.type != "cuda":
+        yield
+        base()
+        return
+    cur = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    side.wait_stream(cur)
+    with torch.cuda.stream(side):
+        yield
+    base()
+    cur.wait_stream(side)
+
+
 def lora_linear(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -238,8 +281,15 @@ def lora_linear(
     scratch: torch.Tensor | None = None,
     mode: str = "auto",
     config: dict[str, int] | None = None,
+    base: Callable[[], object] | None = None,
 ) -> torch.Tensor:
     """Triton `lora_linear`: y += per-slot LoRA delta, in place; returns y.
+
+    base: optional callable writing the base output into y (e.g. `torch.mm(x, W.t(), out=y)`). On a GPU,
+        up to FORK_MAX_TOKENS tokens, the shrink and expand then run on a side stream into a delta buffer
+        while `base` runs on the current one (both only read x; fork and join are stream events, so
+        this is capturable and never syncs), and one small kernel adds the delta to the adapter rows
+        of y: the LoRA costs about one launch on top of the base GEMM instead of two in series.
 
     batch: the step's `build_lora_batch(token_slot, S)` (built here when None).
     scratch: fp32 buffer of >= `lora_scratch_numel(...)` elements for the split schedule (allocated
@@ -255,6 +305,8 @@ def lora_linear(
     S, R = A.shape[0], B.shape[2]
     n_slices = len(slice_offsets) - 1
     if T == 0 or S == 0 or slice_offsets[-1] == 0 or R == 0:
+        if base is not None:
+            base()
         return y
     if batch is None:
         batch = build_lora_batch(token_slot, S)
@@ -270,9 +322,11 @@ def lora_linear(
     tiles = _tile_table(slice_offsets, block_n, str(x.device))
     rank_arg = slot_rank if slot_rank is not None else batch.seg_len
     cast = interpreting()
+    pdl = use_pdl(x.device)
     grid_m = triton.cdiv(T, block_m)
 
-    if mode == "split":
+    split = mode == "split"
+    if split:
         need = split_k * T * n_slices * R
         if scratch is None:
             z = torch.empty(split_k, T, n_slices * R, dtype=torch.float32, device=x.device)
@@ -280,6 +334,10 @@ def lora_linear(
             if scratch.dtype != torch.float32 or scratch.numel() < need:
                 raise ValueError(f"lora_linear: scratch must be fp32 with >= {need} elements")
             z = scratch.reshape(-1)[:need].view(split_k, T, n_slices * R)
+    else:
+        z = y.unsqueeze(0)  # unused pointer in the fused schedule
+
+    def shrink() -> None:
         _lora_shrink_kernel[(S, grid_m, n_slices * split_k)](
             x, A, z, batch.sorted_tokens, batch.seg_start, batch.seg_len, rank_arg,
             K, R, k_per_split,
@@ -287,19 +345,40 @@ def lora_linear(
             A.stride(0), A.stride(1), A.stride(2),
             z.stride(0), z.stride(1), z.stride(2),
             SPLIT_K=split_k, HAS_RANK=slot_rank is not None, CAST_FP32=cast, DOT_PREC=dot_precision(x.dtype),
-            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, **launch,
+            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, USE_PDL=pdl, launch_pdl=pdl, **launch,
         )
-    else:
-        z = y.unsqueeze(0)  # unused pointer in the fused schedule
-    _lora_expand_kernel[(S, grid_m, tiles.shape[0])](
-        x, A, z, B, y, tiles, batch.sorted_tokens, batch.seg_start, batch.seg_len, rank_arg,
-        K, R,
-        x.stride(0), x.stride(1),
-        A.stride(0), A.stride(1), A.stride(2),
-        z.stride(0), z.stride(1), z.stride(2),
-        B.stride(0), B.stride(1), B.stride(2),
-        y.stride(0), y.stride(1),
-        SPLIT_K=split_k, SHRINK_INLINE=mode == "fused", HAS_RANK=slot_rank is not None, CAST_FP32=cast, DOT_PREC=dot_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k, **launch,
-    )
+
+    def expand(out: torch.Tensor, accumulate: bool) -> None:
+        _lora_expand_kernel[(S, grid_m, tiles.shape[0])](
+            x, A, z, B, out, tiles, batch.sorted_tokens, batch.seg_start, batch.seg_len, rank_arg,
+            K, R,
+            x.stride(0), x.stride(1),
+            A.stride(0), A.stride(1), A.stride(2),
+            z.stride(0), z.stride(1), z.stride(2),
+            B.stride(0), B.stride(1), B.stride(2),
+            out.stride(0), out.stride(1),
+            SPLIT_K=split_k, SHRINK_INLINE=not split, HAS_RANK=slot_rank is not None, ACCUMULATE=accumulate,
+            CAST_FP32=cast, DOT_PREC=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+            BLOCK_K=block_k, USE_PDL=pdl and split, launch_pdl=pdl and split, **launch,
+        )
+
+    if base is not None and _fork(T, x.device):
+        # side stream: the delta into d while the base GEMM runs; then y += d on adapter rows. d is kept in
+        # x's dtype (half the bytes of fp32 at prefill-sized T; the delta is rounded once more, to 16 bits)
+        d = torch.empty(T, slice_offsets[-1], dtype=x.dtype, device=x.device)
+        with _beside(base, x.device):
+            if split:
+                shrink()
+            expand(d, accumulate=False)
+        n_out = slice_offsets[-1]
+        _lora_add_kernel[(triton.cdiv(T, ADD_BLOCK_T), triton.cdiv(n_out, ADD_BLOCK_N))](
+            y, d, token_slot, T, n_out, S, y.stride(0), y.stride(1), d.stride(0),
+            BLOCK_T=ADD_BLOCK_T, BLOCK_N=ADD_BLOCK_N, num_warps=4,
+        )
+        return y
+    if base is not None:
+        base()
+    if split:
+        shrink()
+    expand(y, accumulate=True)
     return y

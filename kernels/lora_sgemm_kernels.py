@@ -5,6 +5,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lorax.kernels._common import pdl_trigger, pdl_wait
+
 
 @triton.jit
 def _lora_shrink_kernel(
@@ -32,7 +34,11 @@ def _lora_shrink_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,  # next power of two >= R, >= 16
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    # the launch before (the base GEMM writing y) is finished before any program lets the expand in
+    pdl_wait(USE_PDL)
+    pdl_trigger(USE_PDL)
     slot = tl.program_id(0)
     pid_m = tl.program_id(1)
     slice_idx = tl.program_id(2) // SPLIT_K
@@ -83,7 +89,7 @@ def _lora_expand_kernel(
     a_ptr,  # [S, N_SLICES * R, K] (read only when SHRINK_INLINE)
     z_ptr,  # [SPLIT_K, T, N_SLICES * R] fp32 from the shrink launch (read only when not SHRINK_INLINE)
     b_ptr,  # [S, N_out, R] LoRA B slab
-    y_ptr,  # [T, N_out] updated in place
+    y_ptr,  # [T, N_out] updated in place (ACCUMULATE), else out: the delta alone, adapter rows only
     tiles_ptr,  # [n_tiles, 3] int32: (slice, first column, slice end column)
     sorted_ptr, seg_start_ptr, seg_len_ptr, slot_rank_ptr,
     # sizes
@@ -99,12 +105,14 @@ def _lora_expand_kernel(
     SPLIT_K: tl.constexpr,  # z slabs to sum (deterministic split-K of the shrink)
     SHRINK_INLINE: tl.constexpr,
     HAS_RANK: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     CAST_FP32: tl.constexpr,
     DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else "tf32" (unused by bf16/fp16)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,  # split schedule: the shrink may still run until pdl_wait (before z is read)
 ):
     slot = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -127,7 +135,7 @@ def _lora_expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
 
-    # z [BLOCK_M, BLOCK_R] fp32: this slice's shrink for the tile's rows.
+    # z [BLOCK_M, BLOCK_R] fp32: this slice's shrink for the tile's rows (read from the shrink launch below)
     if SHRINK_INLINE:
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk
@@ -144,23 +152,46 @@ def _lora_expand_kernel(
             z += tl.dot(xb, ab, input_precision=DOT_PREC)
             x_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K * stride_ak
-    else:
+    # B [BLOCK_R, BLOCK_N] first: it does not depend on the shrink, so with PDL it loads while that runs
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_end
+    b_ptrs = b_ptr + slot64 * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
+    bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    if not SHRINK_INLINE:
+        pdl_wait(USE_PDL)
         pos = (seg_start + offs_m).to(tl.int64)
         z_ptrs = z_ptr + pos[:, None] * stride_zt + (slice_idx * R + offs_r)[None, :] * stride_zr
         z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for ks in tl.static_range(SPLIT_K):
             z += tl.load(z_ptrs + ks * stride_zs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     z = tl.where(mask_r[None, :], z, 0.0)  # ranks past slot_rank contribute nothing
-
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_end
-    b_ptrs = b_ptr + slot64 * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
-    bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
     if CAST_FP32:
         delta = tl.dot(z, bt.to(tl.float32), input_precision=DOT_PREC)
     else:
         delta = tl.dot(z.to(bt.dtype), bt, input_precision=DOT_PREC)
     y_ptrs = y_ptr + tok[:, None] * stride_yt + offs_n[None, :] * stride_yn
     mask = mask_m[:, None] & mask_n[None, :]
-    y_old = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (y_old.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
+    if ACCUMULATE:
+        delta += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lora_add_kernel(
+    y_ptr,  # [T, N] updated in place on adapter rows
+    d_ptr,  # [T, N] delta, defined on adapter rows only
+    token_slot_ptr,  # [T] int32; rows with slot outside [0, S) are left untouched
+    T, N, S,
+    stride_yt, stride_yn, stride_dt,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot = tl.load(token_slot_ptr + offs_t, mask=offs_t < T, other=-1)
+    rows = (offs_t < T) & (slot >= 0) & (slot < S)
+    mask = rows[:, None] & (offs_n < N)[None, :]
+    t64 = offs_t.to(tl.int64)[:, None]
+    y_ptrs = y_ptr + t64 * stride_yt + offs_n[None, :] * stride_yn
+    d = tl.load(d_ptr + t64 * stride_dt + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + d).to(y_ptr.dtype.element_ty), mask=mask)

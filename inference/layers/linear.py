@@ -50,12 +50,20 @@ class LoraLinear(nn.Module):
         self.lora_A, self.lora_B = lora_A, lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if self.lora_A is not None and self.lora_B is not None:
-            ctx = get_forward_context()
-            if ctx.has_lora:
-                self.ops.lora_linear(
-                    x, y, self.lora_A, self.lora_B, self.slice_offsets, ctx.token_slot,
-                    batch=ctx.lora_batch, slot_rank=ctx.slot_rank,
-                )
-        return y
+        if self.lora_A is None or self.lora_B is None or not get_forward_context().has_lora:
+            return F.linear(x, self.weight, self.bias)
+        ctx = get_forward_context()
+        x2 = x.reshape(-1, self.in_features)  # [T, in]: one row per token of the step
+        y = x2.new_empty(x2.shape[0], self.out_features)
+        # the base GEMM goes to the op as a callable, so that the Triton op can run the LoRA shrink beside it
+        self.ops.lora_linear(
+            x2, y, self.lora_A, self.lora_B, self.slice_offsets, ctx.token_slot,
+            batch=ctx.lora_batch, slot_rank=ctx.slot_rank, base=lambda: self._base(x2, y),
+        )
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _base(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.bias is None:
+            torch.mm(x, self.weight.t(), out=y)
+        else:
+            torch.addmm(self.bias, x, self.weight.t(), out=y)

@@ -195,3 +195,65 @@ def test_lora_linear_cuda_graph_replay():
         torch.cuda.synchronize()
         expect = lora_linear_ref(x, y_base.clone(), A, B, offs, slot)
         torch.testing.assert_close(y, expect, atol=TOL[torch.bfloat16][0], rtol=TOL[torch.bfloat16][1])
+
+
+@pytest.mark.parametrize("fork", ["0", "1"])
+@pytest.mark.parametrize("mode,T", [("split", 7), ("fused", 7), ("split", 0), ("split", 1)])
+def test_base_callable_runs_first(mode, T, fork, device, monkeypatch):
+    # fork=1 takes the side-stream path's kernels (delta into an fp32 buffer, then the masked add),
+    # in order on the CPU
+    # `base=` writes the base output into y (here a matmul), then the delta is added on top of it
+    monkeypatch.setenv("LORAX_LORA_FORK", fork)
+    x, _, A, B, offs, slot = _problem(T, 40, (24, 8, 8), 3, 16, torch.float32, device, "out_of_range")
+    W = torch.randn(offs[-1], 40, dtype=torch.float32, device=device)
+    y = torch.full((T, offs[-1]), float("nan"), device=device)
+    lora_linear(x, y, A, B, offs, slot, mode=mode, base=lambda: torch.mm(x, W.t(), out=y))
+    expect = lora_linear_ref(x, x @ W.t(), A, B, offs, _ref_slots(slot, 3))
+    torch.testing.assert_close(y, expect, atol=1e-4, rtol=1e-4)
+    ref_y = torch.full_like(y, float("nan"))
+    lora_linear_ref(x, ref_y, A, B, offs, _ref_slots(slot, 3), base=lambda: torch.mm(x, W.t(), out=ref_y))
+    torch.testing.assert_close(ref_y, expect, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fork", ["0", "1"])
+def test_base_beside_shrink_in_a_graph_without_sync(fork, monkeypatch):
+    monkeypatch.setenv("LORAX_LORA_FORK", fork)
+    # On a GPU `base=` forks the shrink onto a side stream; captured, replayed with new adapter mixes,
+    # never syncing with the host, and equal to base-then-reference every time.
+    T, K, S, R, offs = 40, 2048, 4, 16, (0, 4096, 4608, 5120)
+    dt = torch.bfloat16
+    x = torch.randn(T, K, dtype=dt, device="cuda")
+    W = torch.randn(5120, K, dtype=dt, device="cuda") / K**0.5
+    A = torch.randn(S, 3 * R, K, dtype=dt, device="cuda") / K**0.5
+    B = torch.randn(S, 5120, R, dtype=dt, device="cuda") / R**0.5
+    slot = torch.zeros(T, dtype=torch.int32, device="cuda")
+    y = torch.empty(T, 5120, dtype=dt, device="cuda")
+
+    def step() -> None:
+        lora_linear(x, y, A, B, offs, slot, batch=build_lora_batch(slot, S), mode="split",
+                    base=lambda: torch.mm(x, W.t(), out=y))
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    mixes = [_slots(mix, T, S).cuda() for mix in ("mixed", "one", "none", "mixed")]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for mix in mixes:
+            slot.copy_(mix)
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            step()  # eager too
+            got = y.clone()
+            graph.replay()
+            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
+            expect = lora_linear_ref(x, x @ W.t(), A, B, offs, slot)
+            torch.testing.assert_close(y, expect, atol=TOL[dt][0], rtol=TOL[dt][1])
+            torch.testing.assert_close(got, expect, atol=TOL[dt][0], rtol=TOL[dt][1])
+            torch.cuda.set_sync_debug_mode("error")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
