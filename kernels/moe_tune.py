@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.testing
 
+from lorax.kernels._common import use_pdl
 from lorax.kernels.fused_moe import fused_moe, fused_moe_ref
 from lorax.kernels.moe_align import moe_align
 from lorax.kernels.moe_lora import MoELoraArgs
@@ -38,7 +39,7 @@ SHAPES = {  # name: (H, I, E, k)
     "olmoe": (2048, 1024, 64, 8),
     "mixtral": (4096, 14336, 8, 2),
 }
-HBM_TB_S = 3.02  # H100 80GB HBM3 copy bandwidth measured for BENCHMARKS.md
+HBM_TB_S = 3.02  # replaced at start-up by the copy bandwidth measured on the GPU the sweep runs on
 PEAK_TFLOPS = 788.0
 DEVICE = "cuda"  # the CPU smoke test of this script switches it
 
@@ -230,8 +231,15 @@ def compile_check() -> int:
                  num_warps=4, num_stages=3)
     large = dict(BLOCK_M=64, BLOCK_N_GU=64, BLOCK_K_GU=64, BLOCK_N_D=128, BLOCK_K_D=64, GROUP_M=8, SPLIT=1,
                  num_warps=4, num_stages=4)
+    import lorax.kernels.fused_moe as fm
+    import lorax.kernels.moe_align as ma
+    import lorax.kernels.moe_lora as ml
+
     original = jit.JITFunction.run
     jit.JITFunction.run = fake_run  # type: ignore[method-assign]
+    pdl_modules = (fm, ma, ml)
+    for m in pdl_modules:  # compile the launches as an sm_90 GPU makes them: with PDL
+        m.use_pdl = lambda device: True  # type: ignore[attr-defined]
     try:
         for T, cfg in ((8, small), (2048, large)):  # one-program and three-pass alignment
             for lora in ("", "lora", "shared"):
@@ -241,6 +249,8 @@ def compile_check() -> int:
         drive(5, 96, 40, 6, 2, torch.float32, "shared", None)  # fp32 on a GPU (exact dots)
     finally:
         jit.JITFunction.run = original  # type: ignore[method-assign]
+        for m in pdl_modules:
+            m.use_pdl = use_pdl  # type: ignore[attr-defined]
     return failures
 
 
@@ -258,9 +268,14 @@ def main() -> None:
     os.makedirs(args.out_dir, exist_ok=True)
     torch.manual_seed(0)
     dev_name = torch.cuda.get_device_name()
+    global HBM_TB_S
+    from lorax.kernels.bench import measure_copy_tb_s
+
+    HBM_TB_S = measure_copy_tb_s(torch.device("cuda"))
+    print(f"{dev_name}: copy bandwidth {HBM_TB_S:.2f} TB/s (the roofline's HBM figure)", flush=True)
     tokens = [int(t) for t in args.tokens.split(",")]
     configs: dict[str, dict] = {dev_name: {}}
-    report = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
+    report = dict(device=dev_name, copy_tb_s=HBM_TB_S, torch=torch.__version__, triton=triton.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=[])
 
     def log(msg: str) -> None:
