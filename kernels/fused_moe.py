@@ -123,8 +123,10 @@ def _default_config(T: int, topk: int, E: int) -> dict[str, int]:
                 num_warps=4, num_stages=4)
 
 
-def moe_config(T: int, topk: int, E: int, H: int, I: int, device: torch.device) -> dict[str, int]:
-    """Block config for one fused_moe call (host ints only)."""
+def moe_config(T: int, topk: int, E: int, H: int, I: int, device: torch.device,
+               lora: bool = False) -> dict[str, int]:
+    """Block config for one fused_moe call (host ints only). A tuned bucket may hold a "lora" entry:
+    the config measured fastest with adapters, used for calls that pass LoRA arguments."""
     if device.type == "cuda" and not interpreting():
         by_shape = _config_table().get(torch.cuda.get_device_name(device), {}).get(f"E{E}_H{H}_I{I}_k{topk}")
         if by_shape:
@@ -132,7 +134,9 @@ def moe_config(T: int, topk: int, E: int, H: int, I: int, device: torch.device) 
             # prefill tile)
             pick = next((b for b in sorted(int(b) for b in by_shape) if b >= T), None)
             if pick is not None:
-                return {**_default_config(T, topk, E), **by_shape[str(pick)]}
+                entry = dict(by_shape[str(pick)])
+                with_lora = entry.pop("lora", None)
+                return {**_default_config(T, topk, E), **(with_lora if lora and with_lora else entry)}
     return _default_config(T, topk, E)
 
 
@@ -174,7 +178,7 @@ def fused_moe_scratch_bytes(x: torch.Tensor, w13: torch.Tensor, topk: int, lora:
     allocate it once per captured T; a call may pass a larger buffer)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
-    cfg = moe_config(T, topk, E, H, two_i // 2, x.device)
+    cfg = moe_config(T, topk, E, H, two_i // 2, x.device, lora is not None)
     return sum(_nbytes(s, d) for s, d in _buffer_specs(T, topk, H, two_i // 2, x.dtype, lora, cfg))
 
 
@@ -232,7 +236,7 @@ def fused_moe(
     ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
     ids = ids.contiguous()
     weights = topk_weights.reshape(-1)
-    cfg = config or moe_config(T, topk, E, H, I, x.device)
+    cfg = config or moe_config(T, topk, E, H, I, x.device, lora is not None)
     bm = cfg["BLOCK_M"]
     buf = _carve(_buffer_specs(T, topk, H, I, x.dtype, lora, cfg), scratch, x.device)
     align = moe_align(ids, E, bm)

@@ -128,3 +128,21 @@ def test_kernels_compile_for_sm90_without_a_gpu() -> None:
     compiled = {ln.split()[1] for ln in lines if ln.startswith("ok")}
     assert {"_gate_up_kernel", "_down_kernel", "_topk_sum_kernel", "_moe_lora_shrink_kernel", "_moe_count_kernel",
             "_moe_scatter_kernel", "_moe_align_one_program_kernel"} <= compiled
+
+
+def test_moe_config_takes_the_lora_entry_for_lora_calls(monkeypatch):
+    # a tuned bucket's "lora" entry is the config for calls with adapters; calls without use the rest
+    import lorax.kernels.fused_moe as fm
+
+    base = dict(BLOCK_M=16, BLOCK_N_GU=32, BLOCK_K_GU=256, BLOCK_N_D=64, BLOCK_K_D=256, GROUP_M=1, SPLIT=8,
+                num_warps=4, num_stages=3)
+    with_lora = {**base, "BLOCK_M": 32, "SPLIT": 2}
+    table = {"Fake GPU": {"E128_H2048_I768_k8": {"8": {**base, "lora": with_lora}, "64": dict(base)}}}
+    monkeypatch.setattr(fm, "_config_table", lambda: table)
+    monkeypatch.setattr(fm, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    dev = torch.device("cuda")
+    assert fm.moe_config(4, 8, 128, 2048, 768, dev) == base
+    assert fm.moe_config(4, 8, 128, 2048, 768, dev, lora=True) == with_lora
+    assert fm.moe_config(40, 8, 128, 2048, 768, dev, lora=True) == base  # bucket without a lora entry
+    assert "lora" not in fm.moe_config(40, 8, 128, 2048, 768, dev)
