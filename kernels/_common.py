@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import torch
@@ -24,6 +25,28 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache(maxsize=16)
+def _config_file(name: str) -> dict:
+    path = os.path.join(os.path.dirname(__file__), "configs", name)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def tuned_buckets(file: str, device: torch.device, shape_key: str) -> dict[str, dict] | None:
+    """Measured block configs from kernels/configs/<file> ({device name: {shape key: {bucket: cfg}}}) for
+    this GPU and shape; None on the CPU / interpreter or when not measured. File and name are read once."""
+    if device.type != "cuda" or interpreting():
+        return None
+    return _config_file(file).get(_device_name(device), {}).get(shape_key) or None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Programmatic dependent launch (PDL, sm_90+). A kernel launched with `launch_pdl=True` may start while
 # the kernel before it in the stream is still running: its programs are scheduled once every program of
@@ -39,15 +62,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _pdl_capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
 def use_pdl(device: torch.device) -> bool:
-    """Whether launches on this device use programmatic dependent launch."""
+    """Whether launches on this device use programmatic dependent launch (decided once per device)."""
     if device.type != "cuda" or interpreting() or os.environ.get("LORAX_PDL", "1") == "0":
         return False
-    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 @triton.jit

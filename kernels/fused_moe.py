@@ -21,16 +21,13 @@ The Triton path is sync-free; its results are bitwise repeatable (the top-k sum 
 
 from __future__ import annotations
 
-import json
-import os
-from functools import cache
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from lorax.kernels._common import use_pdl
+from lorax.kernels._common import tuned_buckets, use_pdl
 from lorax.kernels.fused_moe_kernels import _down_kernel, _gate_up_kernel, _topk_sum_kernel
 from lorax.kernels.moe_align import interpreting, moe_align, virtual_expert_ids_ref
 from lorax.kernels.moe_lora import (
@@ -98,15 +95,6 @@ def fused_moe_ref(
 # the smallest token-count bucket >= T. Missing entries fall back to `_default_config`.
 # ----------------------------------------------------------------------------------------------------
 
-@cache
-def _config_table() -> dict:
-    path = os.path.join(os.path.dirname(__file__), "configs", "fused_moe.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _default_config(T: int, topk: int, E: int) -> dict[str, int]:
     pairs_per_expert = T * topk / max(E, 1)
     if interpreting():
@@ -127,16 +115,14 @@ def moe_config(T: int, topk: int, E: int, H: int, I: int, device: torch.device,
                lora: bool = False) -> dict[str, int]:
     """Block config for one fused_moe call (host ints only). A tuned bucket may hold a "lora" entry:
     the config measured fastest with adapters, used for calls that pass LoRA arguments."""
-    if device.type == "cuda" and not interpreting():
-        by_shape = _config_table().get(torch.cuda.get_device_name(device), {}).get(f"E{E}_H{H}_I{I}_k{topk}")
-        if by_shape:
-            # smallest tuned bucket >= T; past the largest one the heuristic (a decode tile is no
-            # prefill tile)
-            pick = next((b for b in sorted(int(b) for b in by_shape) if b >= T), None)
-            if pick is not None:
-                entry = dict(by_shape[str(pick)])
-                with_lora = entry.pop("lora", None)
-                return {**_default_config(T, topk, E), **(with_lora if lora and with_lora else entry)}
+    by_shape = tuned_buckets("fused_moe.json", device, f"E{E}_H{H}_I{I}_k{topk}")
+    if by_shape:
+        # smallest tuned bucket >= T; past the largest one the heuristic (a decode tile is no prefill tile)
+        pick = next((b for b in sorted(int(b) for b in by_shape) if b >= T), None)
+        if pick is not None:
+            entry = dict(by_shape[str(pick)])
+            with_lora = entry.pop("lora", None)
+            return {**_default_config(T, topk, E), **(with_lora if lora and with_lora else entry)}
     return _default_config(T, topk, E)
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
@@ -44,7 +43,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from lorax.kernels._common import dot_precision, interpreting, use_pdl
+from lorax.kernels._common import dot_precision, interpreting, tuned_buckets, use_pdl
 from lorax.kernels.lora_sgemm_kernels import _lora_add_kernel, _lora_expand_kernel, _lora_shrink_kernel
 
 
@@ -133,26 +132,10 @@ def _tile_table(slice_offsets: tuple[int, ...], block_n: int, device: str) -> to
     return torch.tensor(rows, dtype=torch.int32, device=device).reshape(-1, 3)
 
 
-@functools.lru_cache(maxsize=16)
-def _config_file(name: str) -> dict:
-    path = os.path.join(os.path.dirname(__file__), "configs", name)
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-@functools.lru_cache(maxsize=16)
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
-
-
 def tuned_config(file: str, device: torch.device, shape_key: str, n: int) -> dict:
-    """Measured block config from kernels/configs/<file>: {device name: {shape key: {bucket: cfg}}},
-    the smallest bucket >= n (else the largest). Empty on the CPU / interpreter or when not measured."""
-    if device.type != "cuda" or interpreting():
-        return {}
-    by_bucket = _config_file(file).get(_device_name(device), {}).get(shape_key)
+    """Measured block config from kernels/configs/<file> for this GPU and shape: the smallest bucket >= n
+    (else the largest). Empty on the CPU / interpreter or when not measured."""
+    by_bucket = tuned_buckets(file, device, shape_key)
     if not by_bucket:
         return {}
     buckets = sorted(int(b) for b in by_bucket)

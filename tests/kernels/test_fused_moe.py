@@ -138,9 +138,11 @@ def test_moe_config_takes_the_lora_entry_for_lora_calls(monkeypatch):
                 num_warps=4, num_stages=3)
     with_lora = {**base, "BLOCK_M": 32, "SPLIT": 2}
     table = {"Fake GPU": {"E128_H2048_I768_k8": {"8": {**base, "lora": with_lora}, "64": dict(base)}}}
-    monkeypatch.setattr(fm, "_config_table", lambda: table)
-    monkeypatch.setattr(fm, "interpreting", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    import lorax.kernels._common as common
+
+    monkeypatch.setattr(common, "_config_file", lambda name: table if name == "fused_moe.json" else {})
+    monkeypatch.setattr(common, "_device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(common, "interpreting", lambda: False)
     dev = torch.device("cuda")
     assert fm.moe_config(4, 8, 128, 2048, 768, dev) == base
     assert fm.moe_config(4, 8, 128, 2048, 768, dev, lora=True) == with_lora
