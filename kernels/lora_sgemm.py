@@ -218,15 +218,15 @@ def _check(
 
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # `base=` forks the delta onto a side stream up to this many tokens (decode-sized steps: there the
-# delta's launches, not its bytes, are what it costs); LORAX_LORA_FORK=0 never forks, =1 always does.
+# delta's launches, not its bytes, are what it costs). LORAX_LORA_FORK (read at import): "0" never
+# forks, "1" always does (on the CPU the same kernels then run in order: how CI tests this path).
 FORK_MAX_TOKENS = 256
+FORK_MODE = os.environ.get("LORAX_LORA_FORK", "auto")
 ADD_BLOCK_T, ADD_BLOCK_N = 4, 1024
 
 
 def _fork(T: int, device: torch.device) -> bool:
-    flag = os.environ.get("LORAX_LORA_FORK", "auto")
-    # on the CPU only when forced: the same kernels then run in order (how CI tests this path)
-    return flag == "1" or (flag != "0" and device.type == "cuda" and T <= FORK_MAX_TOKENS)
+    return FORK_MODE == "1" or (FORK_MODE != "0" and device.type == "cuda" and T <= FORK_MAX_TOKENS)
 
 
 @contextlib.contextmanager

@@ -50,9 +50,11 @@ class LoraLinear(nn.Module):
         self.lora_A, self.lora_B = lora_A, lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lora_A is None or self.lora_B is None or not get_forward_context().has_lora:
+        if self.lora_A is None or self.lora_B is None:
             return F.linear(x, self.weight, self.bias)
         ctx = get_forward_context()
+        if not ctx.has_lora:
+            return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, self.in_features)  # [T, in]: one row per token of the step
         y = x2.new_empty(x2.shape[0], self.out_features)
         # the base GEMM goes to the op as a callable, so that the Triton op can run the LoRA shrink beside it

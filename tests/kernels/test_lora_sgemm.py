@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorax.kernels import lora_sgemm
 from lorax.kernels.lora_sgemm import build_lora_batch, lora_linear, lora_linear_ref, lora_scratch_numel
 
 # dtype -> (atol, rtol) for y after the add; the kernel rounds once, the reference once per slice.
@@ -203,7 +204,7 @@ def test_base_callable_runs_first(mode, T, fork, device, monkeypatch):
     # fork=1 takes the side-stream path's kernels (delta into an fp32 buffer, then the masked add),
     # in order on the CPU
     # `base=` writes the base output into y (here a matmul), then the delta is added on top of it
-    monkeypatch.setenv("LORAX_LORA_FORK", fork)
+    monkeypatch.setattr(lora_sgemm, "FORK_MODE", fork)
     x, _, A, B, offs, slot = _problem(T, 40, (24, 8, 8), 3, 16, torch.float32, device, "out_of_range")
     W = torch.randn(offs[-1], 40, dtype=torch.float32, device=device)
     y = torch.full((T, offs[-1]), float("nan"), device=device)
@@ -218,7 +219,7 @@ def test_base_callable_runs_first(mode, T, fork, device, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fork", ["0", "1"])
 def test_base_beside_shrink_in_a_graph_without_sync(fork, monkeypatch):
-    monkeypatch.setenv("LORAX_LORA_FORK", fork)
+    monkeypatch.setattr(lora_sgemm, "FORK_MODE", fork)
     # On a GPU `base=` forks the shrink onto a side stream; captured, replayed with new adapter mixes,
     # never syncing with the host, and equal to base-then-reference every time.
     T, K, S, R, offs = 40, 2048, 4, 16, (0, 4096, 4608, 5120)
