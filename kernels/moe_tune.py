@@ -133,42 +133,42 @@ def tune_shape(name: str, tokens: list[int], log: Callable[[str], None]) -> tupl
             continue
         base_ms, cfg = best
         lora_ref = fused_moe_ref(x, w13, w2, w, ids, lora)
-        # with adapters: the base pick over the LoRA K-splits, then the other candidates at the best split
+        # with adapters: the base pick over the LoRA K-splits, then every other candidate at the best split
         lora_best: tuple[float, dict[str, int]] | None = None
         splits = (1, 2, 4, 8) if T <= 32 else (1, 2) if T <= 128 else (1,)
-        tries = [{**cfg, "SPLIT": s} for s in splits]
-        tries += [{**c, "SPLIT": -1} for c in candidates(T, k, E) if {**c, "SPLIT": cfg["SPLIT"]} != cfg]
-        for c in tries:
-            if c["SPLIT"] == -1:
-                assert lora_best is not None
-                c = {**c, "SPLIT": lora_best[1]["SPLIT"]}
-            try:
-                err = rel_err(fused_moe(x, w13, w2, w, ids, lora, config=c), lora_ref)
-                ms = time_layer(w13, w2, routings, lora, c)
-            except Exception as exc:  # out of shared memory / registers for this tile
-                log(f"  {name} T={T} lora {c}: skipped ({type(exc).__name__}: {str(exc)[:80]})")
-                continue
-            log(f"  {name} T={T} lora {ms * 1e3:8.1f} us rel err {err:.1e}  {c}")
-            if err < 3e-2 and (lora_best is None or ms < lora_best[0]):
-                lora_best = (ms, c)
-            if lora_best is None and c["SPLIT"] == splits[-1]:
+        for phase in ("split", "tile"):
+            if phase == "split":
+                tries = [{**cfg, "SPLIT": s} for s in splits]
+            elif lora_best is not None:
+                tries = [{**c, "SPLIT": lora_best[1]["SPLIT"]} for c in candidates(T, k, E)]
+                tries = [c for c in tries if c != lora_best[1]]
+            else:
                 break
+            for c in tries:
+                try:
+                    err = rel_err(fused_moe(x, w13, w2, w, ids, lora, config=c), lora_ref)
+                    ms = time_layer(w13, w2, routings, lora, c)
+                except Exception as exc:  # out of shared memory / registers for this tile
+                    log(f"  {name} T={T} lora {c}: skipped ({type(exc).__name__}: {str(exc)[:80]})")
+                    continue
+                log(f"  {name} T={T} lora {ms * 1e3:8.1f} us rel err {err:.1e}  {c}")
+                if err < 3e-2 and (lora_best is None or ms < lora_best[0]):
+                    lora_best = (ms, c)
         if lora_best is None:
             log(f"{name} T={T}: no LoRA config gave a correct result")
             continue
-        table[str(T)] = {**cfg, "SPLIT": lora_best[1]["SPLIT"], "lora": lora_best[1]}
-        cfg = lora_best[1]
+        lora_ms, lora_cfg = lora_best
+        table[str(T)] = {**cfg, "lora": lora_cfg}
         idle = lora._replace(token_slot=torch.full_like(lora.token_slot, -1))  # LoRA on, no token uses it
-        idle_ms = time_layer(w13, w2, routings, idle, cfg)
+        idle_ms = time_layer(w13, w2, routings, idle, lora_cfg)
         align_ms = time_ms([partial(moe_align, r[2], E, cfg["BLOCK_M"]) for r in routings])
-        cfg = table[str(T)]
         nbytes = layer_bytes(H, I, E, k, T, ids, None)
         flops = 2 * T * k * 3 * H * I
         roof = max(nbytes / (HBM_TB_S * 1e9), flops / (PEAK_TFLOPS * 1e9))
-        row: dict[str, Any] = dict(shape=name, T=T, base_us=base_ms * 1e3, lora_us=lora_best[0] * 1e3,
-                   lora_over_base=lora_best[0] / base_ms, lora_no_token_us=idle_ms * 1e3, align_us=align_ms * 1e3,
+        row: dict[str, Any] = dict(shape=name, T=T, base_us=base_ms * 1e3, lora_us=lora_ms * 1e3,
+                   lora_over_base=lora_ms / base_ms, lora_no_token_us=idle_ms * 1e3, align_us=align_ms * 1e3,
                    base_GB_s=nbytes / base_ms / 1e6, base_TFLOP_s=flops / base_ms / 1e9,
-                   base_roofline_frac=roof / base_ms, config=cfg)
+                   base_roofline_frac=roof / base_ms, config=table[str(T)])
         log(f"{name} T={T}: base {row['base_us']:.1f} us ({row['base_GB_s']:.0f} GB/s, "
             f"{row['base_TFLOP_s']:.1f} TFLOP/s, {100 * row['base_roofline_frac']:.0f}% of roofline), "
             f"lora {row['lora_us']:.1f} us = {row['lora_over_base']:.3f}x base, lora w/o tokens "
