@@ -114,7 +114,8 @@ def _default_config(T: int, topk: int, E: int) -> dict[str, int]:
 def moe_config(T: int, topk: int, E: int, H: int, I: int, device: torch.device,
                lora: bool = False) -> dict[str, int]:
     """Block config for one fused_moe call (host ints only). A tuned bucket may hold a "lora" entry:
-    the config measured fastest with adapters, used for calls that pass LoRA arguments."""
+    the config measured fastest with adapters, used for calls that pass LoRA arguments (it may also set
+    STACK_ELEMS, the slot-stacking bound of the LoRA epilogues; see `slot_group`)."""
     by_shape = tuned_buckets("fused_moe.json", device, f"E{E}_H{H}_I{I}_k{topk}")
     if by_shape:
         # smallest tuned bucket >= T; past the largest one the heuristic (a decode tile is no prefill tile)
@@ -124,6 +125,16 @@ def moe_config(T: int, topk: int, E: int, H: int, I: int, device: torch.device,
             with_lora = entry.pop("lora", None)
             return {**_default_config(T, topk, E), **(with_lora if lora and with_lora else entry)}
     return _default_config(T, topk, E)
+
+
+# Slots stacked per LoRA dot in the GEMM epilogues (SG): K = SG * BLOCK_R <= STACK_K, and
+# BLOCK_M * K <= STACK_ELEMS keeps the stacked operands in registers (no spills at BLOCK_M 16..64 on
+# sm_90). A tuned "lora" config may set its own STACK_ELEMS (moe_tune tries wider stacks).
+STACK_K, STACK_ELEMS = 64, 1024
+
+
+def slot_group(S: int, block_m: int, block_r: int, stack_elems: int = STACK_ELEMS) -> int:
+    return min(triton.next_power_of_2(max(S, 1)), max(1, STACK_K // block_r), max(1, stack_elems // (block_m * block_r)))
 
 
 class _Buffers(NamedTuple):
@@ -269,9 +280,7 @@ def fused_moe(
         moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, topk, bm, cfg["SPLIT"],
                         buf.zgu, buf.zsh if has_shared else None, cast_fp32=cast, dot_prec=prec)
     nt_gu = triton.cdiv(I, cfg["BLOCK_N_GU"])
-    # slots stacked per LoRA dot: K = SG * BLOCK_R <= 64 and BLOCK_M * K <= 1024 keep the stacked
-    # operands in registers (ptxas: no spills at BLOCK_M 16..64 on sm_90)
-    sg = min(triton.next_power_of_2(max(S, 1)), max(1, 64 // br), max(1, 1024 // (bm * br)))
+    sg = slot_group(S, bm, br, cfg.get("STACK_ELEMS", STACK_ELEMS))
     nt_chunk = max(1, min(triton.next_power_of_2(nt_gu), 4096 // (bm * sg * br)))
     _gate_up_kernel[(max_blocks * nt_gu,)](
         x, w13, buf.act, align.sorted_ids, align.block_expert, align.num_padded,

@@ -30,7 +30,7 @@ import triton
 import triton.testing
 
 from lorax.kernels._common import use_pdl
-from lorax.kernels.fused_moe import fused_moe, fused_moe_ref
+from lorax.kernels.fused_moe import fused_moe, fused_moe_ref, slot_group
 from lorax.kernels.moe_align import moe_align
 from lorax.kernels.moe_lora import MoELoraArgs
 
@@ -136,14 +136,19 @@ def tune_shape(name: str, tokens: list[int], log: Callable[[str], None]) -> tupl
         # with adapters: the base pick over the LoRA K-splits, then every other candidate at the best split
         lora_best: tuple[float, dict[str, int]] | None = None
         splits = (1, 2, 4, 8) if T <= 32 else (1, 2) if T <= 128 else (1,)
-        for phase in ("split", "tile"):
+        S = lora.gate_up_A.shape[0]
+        for phase in ("split", "tile", "stack"):
             if phase == "split":
                 tries = [{**cfg, "SPLIT": s} for s in splits]
-            elif lora_best is not None:
+            elif lora_best is None:
+                break
+            elif phase == "tile":
                 tries = [{**c, "SPLIT": lora_best[1]["SPLIT"]} for c in candidates(T, k, E)]
                 tries = [c for c in tries if c != lora_best[1]]
-            else:
-                break
+            else:  # more slots per stacked epilogue dot than the register-safe default, at the best tile
+                bm = lora_best[1]["BLOCK_M"]
+                tries = [{**lora_best[1], "STACK_ELEMS": se} for se in (2048, 4096)
+                         if slot_group(S, bm, 16, se) != slot_group(S, bm, 16)]
             for c in tries:
                 try:
                     err = rel_err(fused_moe(x, w13, w2, w, ids, lora, config=c), lora_ref)
