@@ -36,6 +36,7 @@ from lorax.kernels.moe_lora import (
     moe_lora_down_ref,
     moe_lora_gate_up_ref,
     moe_lora_shrink,
+    slot_group,
 )
 
 
@@ -127,14 +128,10 @@ def moe_config(T: int, topk: int, E: int, H: int, I: int, device: torch.device,
     return _default_config(T, topk, E)
 
 
-# Slots stacked per LoRA dot in the GEMM epilogues (SG): K = SG * BLOCK_R <= STACK_K, and
-# BLOCK_M * K <= STACK_ELEMS keeps the stacked operands in registers (no spills at BLOCK_M 16..64 on
+# Slots stacked per LoRA dot in the GEMM epilogues (`slot_group`): BLOCK_M * SG * BLOCK_R <= STACK_ELEMS
+# keeps the stacked operands in registers beside the accumulators (no spills at BLOCK_M 16..64 on
 # sm_90). A tuned "lora" config may set its own STACK_ELEMS (moe_tune tries wider stacks).
-STACK_K, STACK_ELEMS = 64, 1024
-
-
-def slot_group(S: int, block_m: int, block_r: int, stack_elems: int = STACK_ELEMS) -> int:
-    return min(triton.next_power_of_2(max(S, 1)), max(1, STACK_K // block_r), max(1, stack_elems // (block_m * block_r)))
+STACK_ELEMS = 1024
 
 
 class _Buffers(NamedTuple):

@@ -30,9 +30,9 @@ import triton
 import triton.testing
 
 from lorax.kernels._common import use_pdl
-from lorax.kernels.fused_moe import fused_moe, fused_moe_ref, slot_group
+from lorax.kernels.fused_moe import STACK_ELEMS, fused_moe, fused_moe_ref
 from lorax.kernels.moe_align import moe_align
-from lorax.kernels.moe_lora import MoELoraArgs
+from lorax.kernels.moe_lora import MoELoraArgs, slot_group
 
 SHAPES = {  # name: (H, I, E, k)
     "qwen3-30b-a3b": (2048, 768, 128, 8),
@@ -148,7 +148,7 @@ def tune_shape(name: str, tokens: list[int], log: Callable[[str], None]) -> tupl
             else:  # more slots per stacked epilogue dot than the register-safe default, at the best tile
                 bm = lora_best[1]["BLOCK_M"]
                 tries = [{**lora_best[1], "STACK_ELEMS": se} for se in (2048, 4096)
-                         if slot_group(S, bm, 16, se) != slot_group(S, bm, 16)]
+                         if slot_group(S, bm, 16, se) != slot_group(S, bm, 16, STACK_ELEMS)]
             for c in tries:
                 try:
                     err = rel_err(fused_moe(x, w13, w2, w, ids, lora, config=c), lora_ref)
