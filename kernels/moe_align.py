@@ -277,9 +277,58 @@ def _moe_align_one_program_kernel(
         tl.store(sorted_ids_ptr + run_start + rank, offs_n, mask=valid)
 
 
+@triton.jit
+def _moe_align_small_kernel(
+    topk_ids_ptr, token_slot_ptr,
+    sorted_ids_ptr, block_expert_ptr, num_padded_ptr,  # outputs
+    N, TOPK, base_experts, num_experts, block_m, max_blocks,
+    HAS_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
+    MAX_RUN_BLOCKS: tl.constexpr,  # cdiv(BLOCK_N, block_m): the most blocks one expert can own
+    USE_PDL: tl.constexpr,
+):
+    """Tiny inputs (decode: N <= BLOCK_N pairs, num_experts < BLOCK_E): one program, registers only.
+
+    One load of the ids, then counts (histogram), padded starts (cumsum), each pair's rank inside its
+    expert (pairs before it with the same key: a BLOCK_N x BLOCK_N comparison) and its start (gather) are
+    all computed in registers; the outputs are plain stores. The one CTA barrier orders the pad fill of
+    sorted_ids before the scatter that overwrites part of it. No atomics, no global round trips.
+    """
+    pdl_trigger(USE_PDL)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    key, valid = _pair_key(topk_ids_ptr, token_slot_ptr, offs_n, mask_n, TOPK, base_experts, num_experts,
+                           HAS_SLOT)  # sentinels and lanes past N: key = num_experts (< BLOCK_E)
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.where(offs_e < num_experts, tl.histogram(key, BLOCK_E), 0)
+    padded = (counts + block_m - 1) // block_m * block_m
+    starts = tl.cumsum(padded, axis=0) - padded
+    total = tl.sum(padded, axis=0)
+    before = (key[:, None] == key[None, :]) & (offs_n[None, :] < offs_n[:, None])
+    rank = tl.sum(before.to(tl.int32), axis=1)
+    dest = tl.gather(starts, key, 0) + rank
+    # pads everywhere, block owners, -1 past the count
+    for p0 in range(0, max_blocks * block_m, BLOCK_B):
+        offs_p = p0 + tl.arange(0, BLOCK_B)
+        tl.store(sorted_ids_ptr + offs_p, tl.zeros_like(offs_p) + N, mask=offs_p < max_blocks * block_m)
+    nblocks = padded // block_m
+    for j in tl.static_range(MAX_RUN_BLOCKS):
+        tl.store(block_expert_ptr + starts // block_m + j, offs_e, mask=j < nblocks)
+    total_blocks = total // block_m
+    for b0 in range(0, max_blocks, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        tl.store(block_expert_ptr + offs_b, tl.full([BLOCK_B], -1, tl.int32),
+                 mask=(offs_b >= total_blocks) & (offs_b < max_blocks))
+    tl.store(num_padded_ptr, total)
+    tl.debug_barrier()
+    tl.store(sorted_ids_ptr + dest, offs_n, mask=valid)
+
+
 # one-program path when the whole alignment is small (decode batches); tests force either path
 ONE_PROGRAM_MAX_PAIRS = 1024
 ONE_PROGRAM_MAX_EXPERTS = 4096
+# registers-only path (decode steps of up to 16 tokens at top-8): pairs and experts (+ the sentinel bucket)
+SMALL_MAX_PAIRS = 128
+SMALL_MAX_EXPERTS = 1023
 
 
 def moe_align(
@@ -290,10 +339,11 @@ def moe_align(
     token_slot: torch.Tensor | None = None,
     base_experts: int | None = None,
     out: MoEAlignment | None = None,
-    one_program: bool | None = None,
+    path: str | None = None,
 ) -> MoEAlignment:
-    """Triton alignment with the contract above (3 launches + a memset, no host sync; small inputs take
-    a one-launch path, `one_program` forces either).
+    """Triton alignment with the contract above, no host sync. Three paths by size, `path` forces one:
+    "multi" (3 launches + a memset, any size), "one_program" (one launch, <= ONE_PROGRAM_MAX_PAIRS pairs),
+    "small" (one launch, registers only, <= SMALL_MAX_PAIRS pairs: decode).
 
     With `token_slot` [T] and `base_experts` E, the virtual ids slot * E + e are formed inside the first
     pass (num_experts must then be slots * E). `out` may hold preallocated buffers of the right sizes
@@ -323,9 +373,24 @@ def moe_align(
     elif out.sorted_ids.numel() != max_padded or out.block_expert.numel() != max_blocks:
         raise ValueError(f"moe_align: out buffers must be sized {max_padded} / {max_blocks}")
     slot_arg = token_slot if has_slot else ids
-    if one_program is None:
-        one_program = num_pairs <= ONE_PROGRAM_MAX_PAIRS and num_experts <= ONE_PROGRAM_MAX_EXPERTS
-    if one_program:
+    if path is None:
+        path = ("small" if num_pairs <= SMALL_MAX_PAIRS and num_experts <= SMALL_MAX_EXPERTS else
+                "one_program" if num_pairs <= ONE_PROGRAM_MAX_PAIRS and num_experts <= ONE_PROGRAM_MAX_EXPERTS else
+                "multi")
+    if path not in ("small", "one_program", "multi"):
+        raise ValueError(f"moe_align: unknown path {path!r}")
+    if path == "small" and (num_pairs > SMALL_MAX_PAIRS or num_experts > SMALL_MAX_EXPERTS):
+        raise ValueError(f"moe_align: the small path takes <= {SMALL_MAX_PAIRS} pairs and <= {SMALL_MAX_EXPERTS} experts")
+    if path == "small":
+        block_n = max(16, triton.next_power_of_2(num_pairs))
+        _moe_align_small_kernel[(1,)](
+            ids, slot_arg, out.sorted_ids, out.block_expert, out.num_padded,
+            num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks,
+            HAS_SLOT=has_slot, BLOCK_N=block_n, BLOCK_E=triton.next_power_of_2(num_experts + 1), BLOCK_B=1024,
+            MAX_RUN_BLOCKS=triton.cdiv(block_n, block_m), num_warps=8 if block_n > 64 else 4, USE_PDL=use_pdl(device),
+        )
+        return out
+    if path == "one_program":
         work = torch.empty(2 * num_experts + max(num_pairs, 1), dtype=torch.int32, device=device)
         counts, starts, rank = work[:num_experts], work[num_experts : 2 * num_experts], work[2 * num_experts :]
         _moe_align_one_program_kernel[(1,)](

@@ -259,7 +259,7 @@ def compile_check() -> int:
     for m in pdl_modules:  # compile the launches as an sm_90 GPU makes them: with PDL
         m.use_pdl = lambda device: True  # type: ignore[attr-defined]
     try:
-        for T, cfg in ((8, small), (2048, large)):  # one-program and three-pass alignment
+        for T, cfg in ((8, small), (64, small), (2048, large)):  # small, one-program and three-pass alignment
             for lora in ("", "lora", "shared"):
                 drive(T, 2048, 768, 128, 8, torch.bfloat16, lora, cfg)
         drive(1, 4096, 14336, 8, 2, torch.bfloat16, "lora", None)  # Mixtral: wide I, partials summed in a loop

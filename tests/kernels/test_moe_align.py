@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorax.kernels import moe_align as moe_align_mod
 from lorax.kernels.moe_align import (
     max_padded_size,
     moe_align,
@@ -28,9 +29,9 @@ def _canonical(al, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     return torch.sort(key).values, ids[total:], total
 
 
-def _check(topk_ids: torch.Tensor, num_experts: int, block_m: int, one_program: bool | None = None) -> None:
+def _check(topk_ids: torch.Tensor, num_experts: int, block_m: int, path: str | None = None) -> None:
     ref = moe_align_ref(topk_ids, num_experts, block_m)
-    got = moe_align(topk_ids, num_experts, block_m, one_program=one_program)
+    got = moe_align(topk_ids, num_experts, block_m, path=path)
     n = topk_ids.numel()
     size = max_padded_size(n, num_experts, block_m)
     assert got.sorted_ids.shape == (size,) and got.block_expert.shape == (size // block_m,)
@@ -57,15 +58,26 @@ CASES = [
     (9, 8, 65536, 16, 0, 65536),  # no cap on the number of experts
     (17, 2, 5, 3, 0, 5),  # block_m not a power of two
     (300, 2, 4, 8, 0, 4),  # many pairs per expert, several scatter programs
+    (16, 8, 128, 16, -1, 130),  # the small path's largest input (128 pairs), sentinels both sides
+    (3, 8, 1023, 16, 0, 1023),  # the small path's most experts
+    (11, 8, 6, 16, 0, 6),  # 88 pairs on 6 experts: runs of several blocks
 ]
+PATHS = ["multi", "one_program", "small"]
 
 
-@pytest.mark.parametrize("one_program", [False, True], ids=["three-pass", "one-program"])
+def _fits(path: str, T: int, k: int, E: int) -> bool:
+    return path != "small" or (T * k <= moe_align_mod.SMALL_MAX_PAIRS and E <= moe_align_mod.SMALL_MAX_EXPERTS)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("T,k,E,block_m,lo,hi", CASES)
-def test_align_matches_ref(device: str, T: int, k: int, E: int, block_m: int, lo: int, hi: int,
-                           one_program: bool) -> None:
+def test_align_matches_ref(device: str, T: int, k: int, E: int, block_m: int, lo: int, hi: int, path: str) -> None:
     topk_ids = torch.randint(lo, hi, (T, k), dtype=torch.int32, device=device)
-    _check(topk_ids, E, block_m, one_program)
+    if not _fits(path, T, k, E):
+        with pytest.raises(ValueError, match="small path"):
+            moe_align(topk_ids, E, block_m, path=path)
+        return
+    _check(topk_ids, E, block_m, path)
 
 
 @pytest.mark.parametrize(
@@ -79,8 +91,8 @@ def test_align_matches_ref(device: str, T: int, k: int, E: int, block_m: int, lo
     ],
 )
 def test_align_edge_cases(device: str, name: str, topk_ids: torch.Tensor, E: int) -> None:
-    _check(topk_ids.to(device), E, 4, one_program=False)
-    _check(topk_ids.to(device), E, 4, one_program=True)
+    for path in PATHS:
+        _check(topk_ids.to(device), E, 4, path)
 
 
 def test_worked_example_exact(device: str) -> None:
@@ -99,17 +111,19 @@ def test_virtual_ids_and_fused_align(device: str, T: int, k: int, E: int, S: int
     assert torch.equal(got, ref)
     assert bool((got[topk_ids < 0] < 0).all())  # an EP sentinel never turns into a valid id
     plain = moe_align(ref, S * E, 4)
-    for one_program in (False, True):
-        fused = moe_align(topk_ids, S * E, 4, token_slot=token_slot, base_experts=E, one_program=one_program)
+    for path in [p for p in PATHS if _fits(p, T, k, S * E)]:
+        fused = moe_align(topk_ids, S * E, 4, token_slot=token_slot, base_experts=E, path=path)
         assert torch.equal(fused.num_padded, plain.num_padded)
         assert torch.equal(fused.block_expert, plain.block_expert)
         assert torch.equal(_canonical(fused, 4)[0], _canonical(plain, 4)[0])
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,k,E", [(1, 8, 128), (2048, 8, 128), (4096, 8, 512), (512, 2, 8), (64, 8, 65536)])
+@pytest.mark.parametrize("T,k,E", [(1, 8, 128), (16, 8, 128), (2048, 8, 128), (4096, 8, 512), (512, 2, 8),
+                                   (64, 8, 65536)])
 def test_align_gpu_large(T: int, k: int, E: int) -> None:
     topk_ids = torch.randint(-1, E, (T, k), dtype=torch.int32, device="cuda")
     for block_m in (16, 64):
-        for one_program in (False, True):
-            _check(topk_ids, E, block_m, one_program)
+        for path in PATHS:
+            if _fits(path, T, k, E):
+                _check(topk_ids, E, block_m, path)
