@@ -89,6 +89,8 @@ def virtual_expert_ids_ref(topk_ids: torch.Tensor, token_slot: torch.Tensor, num
 # ----------------------------------------------------------------------------------------------------
 # Triton implementation: count (atomics give each pair its rank) -> prefix sum -> scatter + block fill.
 # Three launches plus one memset of the [E] counter; no host sync, no sort, no cap on num_experts.
+# Smaller inputs take one launch: the same passes in one program (<= 1024 pairs), or, at decode sizes,
+# everything in registers (<= 128 pairs, < 1024 experts).
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -217,7 +219,7 @@ def _moe_align_one_program_kernel(
     HAS_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """Small inputs (decode): the three passes in one program, phases separated by CTA barriers.
+    """Small inputs: the three passes in one program, phases separated by CTA barriers.
 
     Global writes of one CTA are visible to its own threads after a barrier; counters are read back
     with volatile loads so no stale L1 line is used. Saves two launches and the memset on decode.
@@ -323,7 +325,7 @@ def _moe_align_small_kernel(
     tl.store(sorted_ids_ptr + dest, offs_n, mask=valid)
 
 
-# one-program path when the whole alignment is small (decode batches); tests force either path
+# one-launch paths when the whole alignment is small; tests force each path (`path=`)
 ONE_PROGRAM_MAX_PAIRS = 1024
 ONE_PROGRAM_MAX_EXPERTS = 4096
 # registers-only path (decode steps of up to 16 tokens at top-8): pairs and experts (+ the sentinel bucket)
