@@ -212,10 +212,9 @@ def _moe_lora_shrink_kernel(
         )
 
 
-# Slots the shrink stacks per dot (`slot_group` with SHRINK_STACK_ELEMS). Its
-# only accumulators are the stacked z tiles, so it stacks wider than the GEMM epilogues (H100, Qwen3-30B-A3B
-# layer, 4 adapters: LoRA/base 1.27 -> 1.21 at 512 tokens, 1.45 -> 1.41 at 2048); 8 warps from 8192
-# stacked elements on.
+# Slots the shrink stacks per dot (`slot_group` with SHRINK_STACK_ELEMS). Its only accumulators are the
+# stacked z tiles, so it stacks wider than the GEMM epilogues (H100, Qwen3-30B-A3B layer, 4 adapters:
+# LoRA/base 1.27 -> 1.21 at 512 tokens, 1.45 -> 1.41 at 2048); 8 warps from 8192 stacked elements on.
 SHRINK_STACK_ELEMS = 8192
 
 

@@ -32,7 +32,7 @@ import triton.testing
 from lorax.kernels._common import use_pdl
 from lorax.kernels.fused_moe import STACK_ELEMS, fused_moe, fused_moe_ref
 from lorax.kernels.moe_align import moe_align
-from lorax.kernels.moe_lora import MoELoraArgs, slot_group
+from lorax.kernels.moe_lora import MoELoraArgs, lora_block_r, slot_group
 
 SHAPES = {  # name: (H, I, E, k)
     "qwen3-30b-a3b": (2048, 768, 128, 8),
@@ -136,7 +136,7 @@ def tune_shape(name: str, tokens: list[int], log: Callable[[str], None]) -> tupl
         # with adapters: the base pick over the LoRA K-splits, then every other candidate at the best split
         lora_best: tuple[float, dict[str, int]] | None = None
         splits = (1, 2, 4, 8) if T <= 32 else (1, 2) if T <= 128 else (1,)
-        S = lora.gate_up_A.shape[0]
+        S, br = lora.gate_up_A.shape[0], lora_block_r(lora.gate_up_A.shape[2] // 2)
         for phase in ("split", "tile", "stack"):
             if phase == "split":
                 tries = [{**cfg, "SPLIT": s} for s in splits]
@@ -148,7 +148,7 @@ def tune_shape(name: str, tokens: list[int], log: Callable[[str], None]) -> tupl
             else:  # more slots per stacked epilogue dot than the register-safe default, at the best tile
                 bm = lora_best[1]["BLOCK_M"]
                 tries = [{**lora_best[1], "STACK_ELEMS": se} for se in (2048, 4096)
-                         if slot_group(S, bm, 16, se) != slot_group(S, bm, 16, STACK_ELEMS)]
+                         if slot_group(S, bm, br, se) != slot_group(S, bm, br, STACK_ELEMS)]
             for c in tries:
                 try:
                     err = rel_err(fused_moe(x, w13, w2, w, ids, lora, config=c), lora_ref)
