@@ -93,15 +93,16 @@ def test_k_split_and_tile_partials(device: str, split: int, block_n: int) -> Non
                  torch.float32)
 
 
-@pytest.mark.parametrize("stack_elems", [256, 512, 4096])
-def test_slot_stacking_widths(device: str, stack_elems: int) -> None:
-    """A config's STACK_ELEMS sets how many slots each epilogue dot stacks (1, 2, 4 at BLOCK_M 16, rank 16):
-    5 slots then take 5, 3 or 2 slot groups, each group's rows picked by their own slot."""
+@pytest.mark.parametrize("block_m,stack_elems", [(16, 256), (16, 512), (16, 4096), (64, 1024), (128, 8192)])
+def test_slot_stacking_widths(device: str, block_m: int, stack_elems: int) -> None:
+    """A config's STACK_ELEMS sets how many slots each epilogue dot stacks (1, 2, 4 at BLOCK_M 16, rank 16; 1 at
+    64; 4 at 128), and the shrink stacks by its own bound (4 slots at every BLOCK_M here): 5 slots then take
+    several slot groups, each group's rows picked by their own slot."""
     T, H, I, E, k = 21, 32, 24, 3, 2
     x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.float32, device)
     lora = make_lora(T, H, I, E, [16, 8, None, 16, 1], _slots("mixed", T, 5), torch.float32, device, (3,))
-    cfg = dict(BLOCK_M=16, BLOCK_N_GU=16, BLOCK_K_GU=16, BLOCK_N_D=16, BLOCK_K_D=16, GROUP_M=1, SPLIT=2,
-               num_warps=4, num_stages=1, STACK_ELEMS=stack_elems)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N_GU=16, BLOCK_K_GU=16, BLOCK_N_D=16, BLOCK_K_D=16, GROUP_M=1,
+               SPLIT=2 if block_m == 16 else 1, num_warps=4, num_stages=1, STACK_ELEMS=stack_elems)
     assert_close(fused_moe(x, w13, w2, w, ids, lora, config=cfg), ref_fp32(x, w13, w2, w, ids, lora),
                  torch.float32)
 
