@@ -95,13 +95,8 @@ def throughput_command(
 
     import torch
 
-    from lorax.inference.bench_throughput import (
-        STANDARD_MODEL,
-        BenchSpec,
-        Workload,
-        run_throughput,
-        write_model_dir,
-    )
+    from lorax.inference.bench_inputs import STANDARD_MODEL, Workload, write_model_dir
+    from lorax.inference.bench_throughput import BenchSpec, run_throughput
 
     if use_standard and engine.get("device", "auto") in ("auto", "cuda") and not torch.cuda.is_available():
         raise UsageError("the standard model needs a CUDA GPU; --model DIR --device cpu runs a smoke test")

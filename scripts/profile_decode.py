@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lorax.inference import LLM, GenerateRequest, SamplingParams
-from lorax.inference.bench_throughput import (
+from lorax.inference.bench_inputs import (
     STANDARD_MODEL,
     adapter_name,
     make_prompts,

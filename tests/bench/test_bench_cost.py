@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lorax.inference.bench_cost import decode_step_bytes, experts_hit, prefill_step_flops
-from lorax.inference.bench_throughput import STANDARD_MODEL
+from lorax.inference.bench_inputs import STANDARD_MODEL
 from lorax.inference.config import ModelConfig
 
 STD = ModelConfig.from_hf(STANDARD_MODEL)

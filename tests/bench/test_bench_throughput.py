@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lorax.cli.main import main
-from lorax.inference.bench_throughput import STANDARD_MODEL, random_adapter, write_model_dir
+from lorax.inference.bench_inputs import STANDARD_MODEL, random_adapter, write_model_dir
 from lorax.inference.config import ModelConfig
 from lorax.inference.lora_pool import check_adapter
 
