@@ -121,16 +121,16 @@ def _gate_up_kernel(
             q_r = offs_q % BLOCK_R  # rank index of stacked column q
             if any_lora:
                 pdl_wait(USE_PDL)
-                z_ptrs = zgu_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R) + q_r[None, :]
-                zs_ptrs = zsh_ptr + token[:, None] * (SPLIT * 2 * BLOCK_R) + q_r[None, :]
+                z_row = zgu_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R)  # [BLOCK_M, 1]
+                zs_row = zsh_ptr + token[:, None] * (SPLIT * 2 * BLOCK_R)
                 if SPLIT > 1:
                     # K-split partials: each row's own z summed once (narrow loads); the groups then
                     # mask it in registers (decode: 2 us less than SPLIT stacked masked loads per group)
                     zg_own = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
                     zu_own = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
                     offs_r = tl.arange(0, BLOCK_R)
-                    zr_ptrs = zgu_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R) + offs_r[None, :]
-                    zsr_ptrs = zsh_ptr + token[:, None] * (SPLIT * 2 * BLOCK_R) + offs_r[None, :]
+                    zr_ptrs = z_row + offs_r[None, :]
+                    zsr_ptrs = zs_row + offs_r[None, :]
                     for sp in tl.static_range(SPLIT):
                         zg_own += tl.load(zr_ptrs + sp * 2 * BLOCK_R, mask=has[:, None], other=0.0)
                         zu_own += tl.load(zr_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=has[:, None], other=0.0)
@@ -147,11 +147,11 @@ def _gate_up_kernel(
                             zg = tl.where(sel, _stack(zg_own, BLOCK_M, SG, BLOCK_R), 0.0)
                             zu = tl.where(sel, _stack(zu_own, BLOCK_M, SG, BLOCK_R), 0.0)
                         else:  # read straight into the stacked layout
-                            zg = tl.load(z_ptrs, mask=sel, other=0.0)
-                            zu = tl.load(z_ptrs + BLOCK_R, mask=sel, other=0.0)
+                            zg = tl.load(z_row + q_r[None, :], mask=sel, other=0.0)
+                            zu = tl.load(z_row + BLOCK_R + q_r[None, :], mask=sel, other=0.0)
                             if HAS_SHARED:
-                                zg += tl.load(zs_ptrs, mask=sel, other=0.0)
-                                zu += tl.load(zs_ptrs + BLOCK_R, mask=sel, other=0.0)
+                                zg += tl.load(zs_row + q_r[None, :], mask=sel, other=0.0)
+                                zu += tl.load(zs_row + BLOCK_R + q_r[None, :], mask=sel, other=0.0)
                         m_b = (present & (q_r < R))[:, None] & mask_n[None, :]
                         bs_ptrs = b_ptrs + (s0 + q_s).to(tl.int64)[:, None] * stride_bs
                         bg = tl.load(bs_ptrs, mask=m_b, other=0.0)

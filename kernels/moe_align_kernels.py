@@ -126,6 +126,23 @@ def _moe_scatter_kernel(
 
 
 @triton.jit
+def _fill_past(block_expert_ptr, sorted_ids_ptr, total, N, block_m, max_blocks, BLOCK_B: tl.constexpr,
+               PAD_FROM_ZERO: tl.constexpr = False):
+    """block_expert = -1 for the blocks past the padded count `total`; sorted_ids = the pad marker N past
+    `total` (or everywhere, PAD_FROM_ZERO)."""
+    total_blocks = total // block_m
+    for b0 in range(0, max_blocks, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        tl.store(block_expert_ptr + offs_b, tl.full([BLOCK_B], -1, tl.int32),
+                 mask=(offs_b >= total_blocks) & (offs_b < max_blocks))
+    pad_from = 0 if PAD_FROM_ZERO else total
+    for p0 in range(0, max_blocks * block_m, BLOCK_B):
+        offs_p = p0 + tl.arange(0, BLOCK_B)
+        tl.store(sorted_ids_ptr + offs_p, tl.zeros_like(offs_p) + N,
+                 mask=(offs_p >= pad_from) & (offs_p < max_blocks * block_m))
+
+
+@triton.jit
 def _moe_align_one_program_kernel(
     topk_ids_ptr, token_slot_ptr,
     counts_ptr, starts_ptr, rank_ptr,  # [E], [E], [N] int32 work
@@ -174,15 +191,7 @@ def _moe_align_one_program_kernel(
         carry += tl.sum(padded, axis=0)
     tl.store(num_padded_ptr, carry)
     # past the device-side count: no block, pad markers
-    total_blocks = carry // block_m
-    for b0 in range(0, max_blocks, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        tl.store(block_expert_ptr + offs_b, tl.full([BLOCK_B], -1, tl.int32),
-                 mask=(offs_b >= total_blocks) & (offs_b < max_blocks))
-    for p0 in range(0, max_blocks * block_m, BLOCK_B):
-        offs_p = p0 + tl.arange(0, BLOCK_B)
-        tl.store(sorted_ids_ptr + offs_p, tl.zeros_like(offs_p) + N,
-                 mask=(offs_p >= carry) & (offs_p < max_blocks * block_m))
+    _fill_past(block_expert_ptr, sorted_ids_ptr, carry, N, block_m, max_blocks, BLOCK_B)
     tl.debug_barrier()
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -223,18 +232,12 @@ def _moe_align_small_kernel(
     before = (key[:, None] == key[None, :]) & (offs_n[None, :] < offs_n[:, None])
     rank = tl.sum(before.to(tl.int32), axis=1)
     dest = tl.gather(starts, key, 0) + rank
-    # pads everywhere, block owners, -1 past the count
-    for p0 in range(0, max_blocks * block_m, BLOCK_B):
-        offs_p = p0 + tl.arange(0, BLOCK_B)
-        tl.store(sorted_ids_ptr + offs_p, tl.zeros_like(offs_p) + N, mask=offs_p < max_blocks * block_m)
+    # pads everywhere (from position 0: the scatter below overwrites the pairs' places), block owners,
+    # -1 past the count
+    _fill_past(block_expert_ptr, sorted_ids_ptr, total, N, block_m, max_blocks, BLOCK_B, PAD_FROM_ZERO=True)
     nblocks = padded // block_m
     for j in tl.static_range(MAX_RUN_BLOCKS):
         tl.store(block_expert_ptr + starts // block_m + j, offs_e, mask=j < nblocks)
-    total_blocks = total // block_m
-    for b0 in range(0, max_blocks, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        tl.store(block_expert_ptr + offs_b, tl.full([BLOCK_B], -1, tl.int32),
-                 mask=(offs_b >= total_blocks) & (offs_b < max_blocks))
     tl.store(num_padded_ptr, total)
     tl.debug_barrier()
     tl.store(sorted_ids_ptr + dest, offs_n, mask=valid)
