@@ -99,13 +99,9 @@ def check_adapter(adapter: CanonicalAdapter, mcfg: ModelConfig, max_rank: int) -
 
 class _DenseSlab:
     def __init__(self, layer: LoraLinear, S: int, R: int) -> None:
-        w = layer.weight
-        n = len(layer.slices)
-        self.A = torch.zeros(S, n * R, layer.in_features, dtype=w.dtype, device=w.device)
-        self.B = torch.zeros(S, layer.out_features, R, dtype=w.dtype, device=w.device)
+        self.A, self.B = layer.alloc_lora(S, R)  # A may be a view under the layer's weight
         self.offsets = layer.slice_offsets
         self.R = R
-        layer.set_lora(self.A, self.B)
 
     def zero(self, slot: int) -> None:
         self.A[slot].zero_()

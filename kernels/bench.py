@@ -36,7 +36,13 @@ from lorax.kernels.bench_support import (
     roofline_ms,
 )
 from lorax.kernels.fused_moe import fused_moe_ref
-from lorax.kernels.lora_sgemm import build_lora_batch, lora_linear, lora_linear_ref
+from lorax.kernels.lora_sgemm import (
+    build_lora_batch,
+    linear_stacked,
+    lora_linear,
+    lora_linear_ref,
+    stacked_rows,
+)
 from lorax.kernels.moe_lora import MoELoraArgs
 from lorax.kernels.triton_ops import fused_moe_is_triton, make_ops
 
@@ -201,13 +207,22 @@ def bench_qkv(wl: Workload, T: int, device: torch.device, bw: float, peak: float
     def delta(i: int) -> torch.Tensor:
         return lora_linear(x, ys[i], sets[i][1], sets[i][2], offs, slot, batch=batch)
 
-    def both(i: int) -> torch.Tensor:  # as the engine's LoraLinear calls it: the shrink beside the GEMM
+    def apart(i: int) -> torch.Tensor:  # A apart from W: the shrink and expand beside the GEMM
         return lora_linear(x, ys[i], sets[i][1], sets[i][2], offs, slot, batch=batch, base=partial(base, i))
+
+    stacked = stacked_rows(N, S, 3, R) > 0  # what the engine's LoraLinear does at this pool size
+    cats = [torch.cat([w, a.reshape(-1, H)]) for w, a, _ in sets] if stacked else []
+
+    def both(i: int) -> torch.Tensor:  # as the engine's LoraLinear calls it
+        if stacked:
+            return linear_stacked(lora_linear, x, cats[i], sets[i][2], offs, slot, batch=batch)
+        return apart(i)
 
     y0 = base(0).clone()
     got = lora_linear(x, y0.clone(), sets[0][1], sets[0][2], offs, slot, batch=batch)
     ref = lora_linear_ref(x, y0.clone(), sets[0][1], sets[0][2], offs, slot)
     err = _rel_err(got - y0, ref - y0)  # error of the delta itself
+    err_both = _rel_err(both(0).float() - y0.float(), ref.float() - y0.float())
     idx = range(len(sets))
     rows = [
         BenchRow("qkv_base", T, _time([partial(base, i) for i in idx], device, graph=True),
@@ -218,7 +233,11 @@ def bench_qkv(wl: Workload, T: int, device: torch.device, bw: float, peak: float
                  flops=2 * T * R * (3 * H + N), note="delta only, LoraBatch prebuilt"),
         BenchRow("qkv_base+lora", T, _time([partial(both, i) for i in idx], device, graph=True),
                  bytes=N * H * el + lora_bytes + act_bytes + 2 * T * N * el,
-                 flops=2 * T * H * N + 2 * T * R * (3 * H + N)),
+                 flops=2 * T * H * N + 2 * T * R * (3 * H + N), rel_err=err_both,
+                 note="A stacked under W: one GEMM + the expand" if stacked else "shrink + expand beside the GEMM"),
+        BenchRow("qkv_base+lora_apart", T, _time([partial(apart, i) for i in idx], device, graph=True),
+                 bytes=N * H * el + lora_bytes + act_bytes + 2 * T * N * el,
+                 flops=2 * T * H * N + 2 * T * R * (3 * H + N), note="A apart: shrink + expand beside the GEMM"),
         BenchRow("lora_batch_build", T, _time([lambda: build_lora_batch(slot, S)], device, graph=True),
                  bytes=T * 12, note="once per step, shared by all layers"),
     ]

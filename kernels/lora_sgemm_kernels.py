@@ -44,12 +44,12 @@ def _lora_shrink_kernel(
     slice_idx = tl.program_id(2) // SPLIT_K
     split = tl.program_id(2) % SPLIT_K
     seg_len = tl.load(seg_len_ptr + slot)
-    if pid_m * BLOCK_M >= seg_len:
-        return  # empty segment or rows past it: exit before any load
-    seg_start = tl.load(seg_start_ptr + slot)
+    seg_start = tl.load(seg_start_ptr + slot)  # beside seg_len: one round trip for both
     rank = R
     if HAS_RANK:
         rank = tl.minimum(tl.load(slot_rank_ptr + slot), R)
+    if pid_m * BLOCK_M >= seg_len:
+        return  # empty segment or rows past it: exit before loading any tile
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seg_len
@@ -87,7 +87,7 @@ def _lora_expand_kernel(
     # pointers
     x_ptr,  # [T, K] activations (read only when SHRINK_INLINE)
     a_ptr,  # [S, N_SLICES * R, K] (read only when SHRINK_INLINE)
-    z_ptr,  # [SPLIT_K, T, N_SLICES * R] fp32 from the shrink launch (read only when not SHRINK_INLINE)
+    z_ptr,  # [SPLIT_K, T, N_SLICES * R] fp32 from the shrink launch, or (Z_BY_TOKEN) the caller's z
     b_ptr,  # [S, N_out, R] LoRA B slab
     y_ptr,  # [T, N_out] updated in place (ACCUMULATE), else out: the delta alone, adapter rows only
     tiles_ptr,  # [n_tiles, 3] int32: (slice, first column, slice end column)
@@ -95,6 +95,7 @@ def _lora_expand_kernel(
     # sizes
     K,
     R,
+    z_slot_cols,  # z columns per slot: 0 for the shrink's z (one block per slice), N_SLICES * R for a given z
     # strides
     stride_xt, stride_xk,
     stride_as, stride_ar, stride_ak,
@@ -104,6 +105,7 @@ def _lora_expand_kernel(
     # meta
     SPLIT_K: tl.constexpr,  # z slabs to sum (deterministic split-K of the shrink)
     SHRINK_INLINE: tl.constexpr,
+    Z_BY_TOKEN: tl.constexpr,  # z rows are token rows (a z the caller computed), else sorted positions
     HAS_RANK: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     CAST_FP32: tl.constexpr,
@@ -117,9 +119,9 @@ def _lora_expand_kernel(
     slot = tl.program_id(0)
     pid_m = tl.program_id(1)
     tile = tl.program_id(2)
+    # every scalar in one round trip (none depends on another), then the token rows, then z and y together:
+    # at decode sizes this kernel is a chain of dependent loads, not work
     seg_len = tl.load(seg_len_ptr + slot)
-    if pid_m * BLOCK_M >= seg_len:
-        return
     seg_start = tl.load(seg_start_ptr + slot)
     slice_idx = tl.load(tiles_ptr + tile * 3)
     n0 = tl.load(tiles_ptr + tile * 3 + 1)
@@ -127,6 +129,8 @@ def _lora_expand_kernel(
     rank = R
     if HAS_RANK:
         rank = tl.minimum(tl.load(slot_rank_ptr + slot), R)
+    if pid_m * BLOCK_M >= seg_len:
+        return
     slot64 = slot.to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -157,22 +161,28 @@ def _lora_expand_kernel(
     mask_n = offs_n < n_end
     b_ptrs = b_ptr + slot64 * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
     bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    y_ptrs = y_ptr + tok[:, None] * stride_yt + offs_n[None, :] * stride_yn
+    mask = mask_m[:, None] & mask_n[None, :]
     if not SHRINK_INLINE:
         pdl_wait(USE_PDL)
-        pos = (seg_start + offs_m).to(tl.int64)
-        z_ptrs = z_ptr + pos[:, None] * stride_zt + (slice_idx * R + offs_r)[None, :] * stride_zr
+        if Z_BY_TOKEN:
+            row = tok
+        else:
+            row = (seg_start + offs_m).to(tl.int64)
+        z_cols = slot64 * z_slot_cols + slice_idx * R + offs_r
+        z_ptrs = z_ptr + row[:, None] * stride_zt + z_cols[None, :] * stride_zr
         z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for ks in tl.static_range(SPLIT_K):
-            z += tl.load(z_ptrs + ks * stride_zs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            z += tl.load(z_ptrs + ks * stride_zs, mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+    if ACCUMULATE:  # y (written by the launch before) is read beside z, before the dot that needs z
+        y_old = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
     z = tl.where(mask_r[None, :], z, 0.0)  # ranks past slot_rank contribute nothing
     if CAST_FP32:
         delta = tl.dot(z, bt.to(tl.float32), input_precision=DOT_PREC)
     else:
         delta = tl.dot(z.to(bt.dtype), bt, input_precision=DOT_PREC)
-    y_ptrs = y_ptr + tok[:, None] * stride_yt + offs_n[None, :] * stride_yn
-    mask = mask_m[:, None] & mask_n[None, :]
     if ACCUMULATE:
-        delta += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+        delta += y_old
     tl.store(y_ptrs, delta.to(y_ptr.dtype.element_ty), mask=mask)
 
 

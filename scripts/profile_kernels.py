@@ -20,7 +20,7 @@ import torch
 
 from lorax.kernels.bench import STANDARD, Workload, _slots
 from lorax.kernels.fused_moe import fused_moe
-from lorax.kernels.lora_sgemm import build_lora_batch, lora_linear
+from lorax.kernels.lora_sgemm import build_lora_batch, linear_stacked, lora_linear
 from lorax.kernels.moe_lora import MoELoraArgs
 
 REPLAYS = 20
@@ -96,9 +96,12 @@ def qkv_cases(wl: Workload, T: int, dev: torch.device) -> dict[str, Callable[[],
     y = torch.empty(T, N, dtype=dt, device=dev)
     slot = _slots(wl, T, dev)
     batch = build_lora_batch(slot, S)
+    w_cat = torch.cat([W, A.reshape(-1, H)])
     return {
         "qkv_base": lambda: torch.matmul(x, W.T, out=y),
-        "qkv_lora": lambda: lora_linear(x, y, A, B, offs, slot, batch=batch, base=lambda: torch.mm(x, W.T, out=y)),
+        "qkv_lora_apart": lambda: lora_linear(x, y, A, B, offs, slot, batch=batch,
+                                              base=lambda: torch.mm(x, W.T, out=y)),
+        "qkv_lora_stacked": lambda: linear_stacked(lora_linear, x, w_cat, B, offs, slot, batch=batch, min_tokens=0),
     }
 
 

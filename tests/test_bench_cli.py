@@ -58,8 +58,8 @@ def test_cpu_smoke_run_writes_json(tmp_path, capsys):
     table = capsys.readouterr().out
     report = json.loads(path.read_text())
     kernels = {(r["kernel"], r["tokens"]) for r in report["rows"]}
-    expected = {"qkv_base", "qkv_lora", "qkv_base+lora", "lora_batch_build", "store_kv", "attn_decode",
-                "attn_prefill"}
+    expected = {"qkv_base", "qkv_lora", "qkv_base+lora", "qkv_base+lora_apart", "lora_batch_build", "store_kv",
+                "attn_decode", "attn_prefill"}
     assert kernels == {(k, t) for k in expected for t in (1, 3)}
     for r in report["rows"]:
         assert r["ours_ms"] > 0

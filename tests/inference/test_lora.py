@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lorax.inference import LLM, GenerateRequest, SamplingParams
+from lorax.kernels import lora_sgemm
 
 from .lora_utils import merged, random_adapter
 from .tiny_models import ENGINE, build_hf, hf_greedy, hf_logits, save
@@ -46,6 +47,20 @@ def _run_mixed(llm: LLM, names: list[str | None]) -> dict[tuple[str | None, int]
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "llama"])
 def test_mixed_adapter_batch_matches_merged_oracles(arch: str, tmp_path: Path) -> None:
+    _check_mixed_batch(arch, tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "llama"])  # qkv with a bias; dense MLPs
+def test_stacked_shrink_matches_merged_oracles(arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stacked under the weight (one GEMM for the base output and the shrink) on every dense layer."""
+    monkeypatch.setattr(lora_sgemm, "STACKED_MODE", "1")
+    llm = _check_mixed_batch(arch, tmp_path)
+    attn = llm.model.layers[0].attn
+    assert attn.qkv._w_cat is not None and attn.qkv.weight.data_ptr() == attn.qkv._w_cat.data_ptr()
+    assert attn.qkv.lora_A is not None and attn.qkv.lora_A.data_ptr() > attn.qkv._w_cat.data_ptr()
+
+
+def _check_mixed_batch(arch: str, tmp_path: Path) -> LLM:
     hf = build_hf(arch)
     path = save(hf, tmp_path / arch)
     adapters = _adapters(hf)
@@ -63,6 +78,7 @@ def test_mixed_adapter_batch_matches_merged_oracles(arch: str, tmp_path: Path) -
             assert err < RTOL, f"{arch} adapter {name}: logits differ by {err:.2e}"
     # the adapters must matter, or this test checks nothing
     assert any(got[(n, 0)] != got[(None, 0)] for n in adapters)
+    return llm
 
 
 def test_adapters_on_some_layers_and_modules_only(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lorax.inference import LLM, GenerateRequest, SamplingParams
+from lorax.kernels import lora_sgemm
 
 from .lora_utils import merged, random_adapter
 from .tiny_models import DEVICE, build_hf, hf_greedy, hf_logits, save
@@ -27,7 +28,9 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
 NEW = 4
 
 
-def test_triton_backend_matches_merged_oracles(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stacked", ["0", "1"])  # A apart / stacked under the dense weights
+def test_triton_backend_matches_merged_oracles(stacked: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_sgemm, "STACKED_MODE", stacked)
     hf = build_hf("qwen3_moe")
     path = save(hf, tmp_path / "m")
     ads = {
@@ -37,6 +40,7 @@ def test_triton_backend_matches_merged_oracles(tmp_path: Path) -> None:
     llm = LLM(str(path), adapters=ads, device=DEVICE, dtype="float32", kernel_backend="triton",
               max_model_len=32, max_lora_rank=8, max_num_batched_tokens=4, enforce_eager=True)
     assert llm.ops.name == "triton"
+    assert (llm.model.layers[0].attn.qkv._w_cat is not None) == (stacked == "1")
     names: list[str | None] = [None, "pe", "so"]
     reqs = [GenerateRequest(f"{a}-{i}", prompt_token_ids=p, adapter=a, sampling=SamplingParams(max_tokens=NEW, ignore_eos=True))
             for a in names for i, p in enumerate(PROMPTS)]

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from lorax.kernels import lora_sgemm
-from lorax.kernels.lora_sgemm import build_lora_batch, lora_linear, lora_linear_ref, lora_scratch_numel
+from lorax.kernels.lora_sgemm import (
+    build_lora_batch,
+    linear_stacked,
+    lora_linear,
+    lora_linear_ref,
+    lora_scratch_numel,
+    stacked_rows,
+)
 
 # dtype -> (atol, rtol) for y after the add; the kernel rounds once, the reference once per slice.
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 4e-2)}
@@ -118,6 +125,81 @@ def test_slot_rank_clips(mode, device):
     torch.testing.assert_close(ref_clipped, expect, atol=1e-4, rtol=1e-4)  # the reference honours it too
     lora_linear(x, y, A, B, offs, slot, slot_rank=ranks.to(device), mode=mode)
     torch.testing.assert_close(y, expect, atol=1e-4, rtol=1e-4)
+
+
+# (T, K, slice widths, S, R, slot kind): the expand reading a z the caller computed
+Z_CASES = [
+    (1, 32, (24,), 2, 16, "mixed"),
+    (7, 40, (24, 8, 8), 3, 16, "mixed"),
+    (19, 33, (20, 12), 4, 8, "one"),
+    (5, 16, (16,), 2, 1, "mixed"),  # rank 1
+    (9, 24, (40,), 3, 32, "out_of_range"),  # max rank, ids >= S are no-adapter
+    (6, 24, (16, 16), 2, 16, "none"),
+    (0, 24, (16,), 2, 16, "mixed"),
+]
+
+
+@pytest.mark.parametrize("T,K,slices,S,R,kind", Z_CASES)
+def test_given_z_matches_ref(T, K, slices, S, R, kind, device):
+    x, y, A, B, offs, slot = _problem(T, K, slices, S, R, torch.float32, device, kind)
+    ranks = torch.randint(1, R + 1, (S,), dtype=torch.int32)
+    expect = lora_linear_ref(x, y.clone(), A, B, offs, _ref_slots(slot, S), slot_rank=ranks)
+    # z as the stacked GEMM leaves it: a column block of a wider row (row stride > its width)
+    wide = torch.randn(T, 5 + S * A.shape[1], device=device)
+    z = wide[:, 5:]
+    z.copy_(x @ A.reshape(-1, K).T)
+    via_ref = lora_linear_ref(x, y.clone(), A, B, offs, _ref_slots(slot, S), slot_rank=ranks, z=z)
+    torch.testing.assert_close(via_ref, expect, atol=1e-4, rtol=1e-4)
+    y0 = y.clone()
+    lora_linear(x, y, A, B, offs, slot, slot_rank=ranks.to(device), z=z)
+    torch.testing.assert_close(y, expect, atol=1e-4, rtol=1e-4)
+    untouched = (slot < 0) | (slot >= S)
+    assert torch.equal(y[untouched], y0[untouched])
+
+
+def test_given_z_is_what_gets_expanded(device):
+    # the expand must read z, not recompute the shrink: a z of ones gives B's row sums
+    T, K, S, R = 4, 16, 2, 16
+    x, y, A, B, offs, slot = _problem(T, K, (24, 8), S, R, torch.float32, device, "one")
+    z = torch.ones(T, S * 2 * R, device=device)
+    y0 = y.clone()
+    lora_linear(x, y, A, B, offs, slot, z=z)
+    torch.testing.assert_close(y - y0, B[S - 1].sum(-1).expand(T, -1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_stacked_matches_separate(bias, device):
+    T, K, S, R = 13, 40, 3, 8
+    slices = (24, 8, 8)
+    x, _, A, B, offs, slot = _problem(T, K, slices, S, R, torch.float32, device, "mixed")
+    W = torch.randn(offs[-1], K, device=device) / K**0.5
+    b = torch.randn(offs[-1], device=device) if bias else None
+    w_cat = torch.cat([W, A.reshape(-1, K)])
+    b_cat = torch.cat([b, torch.zeros(S * 3 * R, device=device)]) if b is not None else None
+    expect = lora_linear_ref(x, torch.nn.functional.linear(x, W, b), A, B, offs, slot)
+    for op in (lora_linear_ref, lora_linear):
+        y = linear_stacked(op, x, w_cat, B, offs, slot, bias_cat=b_cat)
+        assert y.shape == (T, offs[-1]) and y.stride(0) == w_cat.shape[0]  # a view of the stacked output
+        torch.testing.assert_close(y, expect, atol=1e-4, rtol=1e-4)
+
+
+def test_stacked_rows_policy(monkeypatch):
+    assert stacked_rows(5120, 4, 3, 16) == 192  # Qwen3-30B-A3B qkv, 4 adapters of rank 16: 3.75% more rows
+    assert stacked_rows(5120, 40, 3, 16) == 0  # 40 slots: 37.5%, A stays apart
+    monkeypatch.setattr(lora_sgemm, "STACKED_MODE", "1")
+    assert stacked_rows(5120, 40, 3, 16) == 1920
+    monkeypatch.setattr(lora_sgemm, "STACKED_MODE", "0")
+    assert stacked_rows(5120, 4, 3, 16) == 0
+
+
+def test_given_z_rejected_when_misshapen_or_with_base(device):
+    x, y, A, B, offs, slot = _problem(4, 16, (16,), 2, 8, torch.float32, device, "mixed")
+    with pytest.raises(ValueError, match="z must be"):
+        lora_linear(x, y, A, B, offs, slot, z=torch.zeros(4, 15, device=device))
+    with pytest.raises(ValueError, match="either base= or z="):
+        lora_linear(x, y, A, B, offs, slot, z=torch.zeros(4, 16, device=device), base=lambda: None)
+    with pytest.raises(ValueError, match="z must be"):
+        lora_linear_ref(x, y, A, B, offs, slot, z=torch.zeros(4, 16, device=device).T)
 
 
 def test_build_lora_batch_contract():
@@ -258,3 +340,41 @@ def test_base_beside_shrink_in_a_graph_without_sync(fork, monkeypatch):
             torch.cuda.set_sync_debug_mode("error")
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("min_tokens", [None, 0])  # the default switch-over, and the stacked GEMM at every T
+@pytest.mark.parametrize("T", [1, 40, 128, 2048])
+def test_linear_stacked_in_a_graph_without_sync(T, min_tokens):
+    # qkv at layer shape with A stacked under W: one cuBLAS GEMM + the expand, captured, replayed with new
+    # adapter mixes and mixed ranks, never syncing, equal to the separate GEMM + reference every time.
+    K, S, R, offs = 2048, 4, 16, (0, 4096, 4608, 5120)
+    dt = torch.bfloat16
+    x = torch.randn(T, K, dtype=dt, device="cuda")
+    w_cat = torch.randn(5120 + S * 3 * R, K, dtype=dt, device="cuda") / K**0.5
+    B = torch.randn(S, 5120, R, dtype=dt, device="cuda") / R**0.5
+    ranks = torch.tensor([16, 1, 7, 16], dtype=torch.int32, device="cuda")
+    slot = torch.zeros(T, dtype=torch.int32, device="cuda")
+    out = torch.empty(T, 5120, dtype=dt, device="cuda")
+
+    def step() -> None:
+        out.copy_(linear_stacked(lora_linear, x, w_cat, B, offs, slot, batch=build_lora_batch(slot, S),
+                                 slot_rank=ranks, min_tokens=min_tokens))
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    A = w_cat[5120:].view(S, 3 * R, K)
+    for mix in ("mixed", "one", "none", "mixed"):
+        slot.copy_(_slots(mix, T, S).cuda())
+        x.copy_(torch.randn_like(x))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graph.replay()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        expect = lora_linear_ref(x, x @ w_cat[:5120].T, A, B, offs, slot, slot_rank=ranks)
+        torch.testing.assert_close(out, expect, atol=TOL[dt][0], rtol=TOL[dt][1])
