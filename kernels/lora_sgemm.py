@@ -114,10 +114,10 @@ STACKED_MAX_FRACTION = 1 / 8
 STACKED_MODE = os.environ.get("LORAX_STACKED_SHRINK", "auto")
 # Below this many tokens `linear_stacked` on a GPU runs the GEMM on W alone and the shrink and expand beside
 # it (`lora_linear(base=...)`): there the side branch hides behind the GEMM, while the stacked path's expand
-# runs after it. Measured on an H100 (qkv 2048 -> 5120, 4 adapters of rank 16, weights rotated past L2):
-# the side branch wins at 1-4 tokens (12.5 vs 13.9 us at 1), the two tie at 8-64, and the stacked GEMM
-# wins from 128 (16.1 vs 17.0 us at 128, 27.2 vs 30.8 at 512, 93 vs 98 at 2048).
-STACKED_MIN_TOKENS = 16
+# runs after it. Measured on an H100 (qkv 2048 -> 5120, 4 adapters of rank 16, weights rotated past L2,
+# two rounds): the side branch wins at 1-2 tokens (12.4-12.6 vs 13.3-13.5 us) and at 64 (13.8 vs 14.3);
+# the stacked GEMM at 4-32 (13.4-14.2 vs 13.8-14.9), 128 (15.1 vs 17.0), 512 (25.7 vs 30.7), 2048 (93.6 vs 96.5).
+STACKED_MIN_TOKENS = 4
 
 
 def stacked_rows(out_total: int, S: int, n_slices: int, R: int) -> int:
@@ -309,6 +309,13 @@ def _check(
         raise ValueError("lora_linear: all tensors must be on one device")
 
 
+def z_expand_config(T: int) -> dict[str, int]:
+    """Expand tiles for a given z (no K loop): 16-row blocks up to 256 tokens. Measured on an H100 (qkv,
+    4 adapters of rank 16, after the stacked GEMM): 16 x 128 tiles, 4 warps, beat the split schedule's
+    tiles by 0.3 us at 128 tokens and 1-2 us at 512."""
+    return {"BLOCK_M": 16 if T <= 256 else 32, "BLOCK_N": 128, "num_warps": 4}
+
+
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 # `base=` forks the delta onto a side stream up to this many tokens (decode-sized steps: there the
 # delta's launches, not its bytes, are what it costs). LORAX_LORA_FORK (read at import): "0" never
@@ -398,6 +405,7 @@ def lora_linear(
     mode, cfg, split_k, k_per_split = _plan(T, K, S, R, n_slices, slice_offsets[-1], x.device, mode, config)
     if z is not None:
         split_k = 1
+        cfg = {**cfg, **z_expand_config(T), **(config or {})}
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     block_r = max(16, triton.next_power_of_2(R))
@@ -410,6 +418,10 @@ def lora_linear(
     split = mode == "split"
     z_slot_cols = 0
     given = z is not None
+    # after our shrink, the expand launches early (PDL) and loads B while the shrink runs; after the caller's
+    # GEMM (a given z: cuBLAS, which does not signal early) a programmatic launch only adds latency (H100,
+    # qkv at 128 tokens: 16.2 -> 15.5 us without it)
+    pdl_expand = pdl and split and not given
     if z is not None:
         z_slot_cols = n_slices * R
         z = z.unsqueeze(0)  # one slab (SPLIT_K = 1)
@@ -446,7 +458,7 @@ def lora_linear(
             out.stride(0), out.stride(1),
             SPLIT_K=split_k, SHRINK_INLINE=not split, Z_BY_TOKEN=given, HAS_RANK=slot_rank is not None,
             ACCUMULATE=accumulate, CAST_FP32=cast, DOT_PREC=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-            BLOCK_K=block_k, USE_PDL=pdl and split, launch_pdl=pdl and split, **launch,
+            BLOCK_K=block_k, USE_PDL=pdl_expand, launch_pdl=pdl_expand, **launch,
         )
 
     if base is not None and _fork(T, x.device):
