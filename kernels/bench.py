@@ -37,6 +37,7 @@ from lorax.kernels.bench_support import (
 )
 from lorax.kernels.fused_moe import fused_moe_ref
 from lorax.kernels.lora_sgemm import (
+    STACKED_MIN_TOKENS,
     build_lora_batch,
     linear_stacked,
     lora_linear,
@@ -211,6 +212,7 @@ def bench_qkv(wl: Workload, T: int, device: torch.device, bw: float, peak: float
         return lora_linear(x, ys[i], sets[i][1], sets[i][2], offs, slot, batch=batch, base=partial(base, i))
 
     stacked = stacked_rows(N, S, 3, R) > 0  # what the engine's LoraLinear does at this pool size
+    stacked_here = stacked and (device.type != "cuda" or T >= STACKED_MIN_TOKENS)  # linear_stacked's switch
     cats = [torch.cat([w, a.reshape(-1, H)]) for w, a, _ in sets] if stacked else []
 
     def both(i: int) -> torch.Tensor:  # as the engine's LoraLinear calls it
@@ -234,7 +236,7 @@ def bench_qkv(wl: Workload, T: int, device: torch.device, bw: float, peak: float
         BenchRow("qkv_base+lora", T, _time([partial(both, i) for i in idx], device, graph=True),
                  bytes=N * H * el + lora_bytes + act_bytes + 2 * T * N * el,
                  flops=2 * T * H * N + 2 * T * R * (3 * H + N), rel_err=err_both,
-                 note="A stacked under W: one GEMM + the expand" if stacked else "shrink + expand beside the GEMM"),
+                 note="A stacked under W: one GEMM + the expand" if stacked_here else "shrink + expand beside the GEMM"),
         BenchRow("qkv_base+lora_apart", T, _time([partial(apart, i) for i in idx], device, graph=True),
                  bytes=N * H * el + lora_bytes + act_bytes + 2 * T * N * el,
                  flops=2 * T * H * N + 2 * T * R * (3 * H + N), note="A apart: shrink + expand beside the GEMM"),
