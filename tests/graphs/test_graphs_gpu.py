@@ -16,6 +16,7 @@ import torch
 
 from lorax.adapters.canonical import CanonicalAdapter, LoraPair, MoELora
 from lorax.inference import LLM, GenerateRequest, SamplingParams
+from lorax.kernels import lora_sgemm
 
 pytestmark = pytest.mark.gpu
 
@@ -73,16 +74,20 @@ ADAPTERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LLM]:
+@pytest.fixture(scope="module", params=["0", "1"], ids=["A_apart", "A_stacked"])
+def llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LLM]:
+    # the dense layers' A apart from the weights, or stacked under them (one GEMM + the expand)
     path = _checkpoint(tmp_path_factory.mktemp("graphs") / "m")
     adapters = {n: _adapter(n, r, fmt, seed=i) for i, (n, (fmt, r)) in enumerate(ADAPTERS.items())}
-    engine = LLM(
-        str(path), adapters=adapters, device="cuda", dtype="float32", kernel_backend="triton",
-        max_loras=2, max_lora_rank=16, max_num_seqs=16, max_num_batched_tokens=512, num_kv_blocks=512,
-        block_size=16,
-    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lora_sgemm, "STACKED_MODE", request.param)
+        engine = LLM(
+            str(path), adapters=adapters, device="cuda", dtype="float32", kernel_backend="triton",
+            max_loras=2, max_lora_rank=16, max_num_seqs=16, max_num_batched_tokens=512, num_kv_blocks=512,
+            block_size=16,
+        )
     assert engine.runner.graphs is not None, "decode graphs were not captured"
+    assert (engine.model.layers[0].attn.qkv._w_cat is not None) == (request.param == "1")
     yield engine
 
 
