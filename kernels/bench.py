@@ -33,17 +33,12 @@ from lorax.kernels.bench_support import (
     measure_copy_tb_s,
     moe_bytes,
     moe_grouped_mm,
+    paged_caches,
     roofline_ms,
 )
 from lorax.kernels.fused_moe import fused_moe_ref
-from lorax.kernels.lora_sgemm import (
-    STACKED_MIN_TOKENS,
-    build_lora_batch,
-    linear_stacked,
-    lora_linear,
-    lora_linear_ref,
-    stacked_rows,
-)
+from lorax.kernels.lora_sgemm import build_lora_batch, lora_linear, lora_linear_ref
+from lorax.kernels.lora_stacked import STACKED_MIN_TOKENS, linear_stacked, stacked_rows
 from lorax.kernels.moe_lora import MoELoraArgs
 from lorax.kernels.triton_ops import fused_moe_is_triton, make_ops
 
@@ -248,27 +243,6 @@ def bench_qkv(wl: Workload, T: int, device: torch.device, bw: float, peak: float
     return rows
 
 
-def _paged(wl: Workload, ctx_lens: list[int], sets: int, device: torch.device):
-    """Caches holding `sets` disjoint copies of the batch (rotation) and their block tables."""
-    bs = wl.block_size
-    nblk = [-(-c // bs) for c in ctx_lens]
-    total = sum(nblk) * sets + 1
-    shape = (total, bs, wl.n_kv, wl.head_dim)
-    kc = torch.randn(shape, dtype=wl.torch_dtype, device=device)
-    vc = torch.randn(shape, dtype=wl.torch_dtype, device=device)
-    width = max(nblk)
-    tables = []
-    perm = torch.randperm(total - 1, device=device).to(torch.int32) + 1
-    at = 0
-    for _ in range(sets):
-        t = torch.zeros(len(ctx_lens), width, dtype=torch.int32, device=device)
-        for b, n in enumerate(nblk):
-            t[b, :n] = perm[at : at + n]
-            at += n
-        tables.append(t)
-    return kc, vc, tables
-
-
 def bench_attention(wl: Workload, T: int, device: torch.device, bw: float, peak: float) -> list[BenchRow]:
     dt, n_h, n_kv, D = wl.torch_dtype, wl.n_heads, wl.n_kv, wl.head_dim
     el = torch.empty(0, dtype=dt).element_size()
@@ -278,7 +252,7 @@ def bench_attention(wl: Workload, T: int, device: torch.device, bw: float, peak:
     # store_kv: T new tokens into free slots
     k = torch.randn(T, n_kv, D, dtype=dt, device=device)
     v = torch.randn_like(k)
-    kc, vc, _ = _paged(wl, [T], 1, device)
+    kc, vc, _ = paged_caches(wl, [T], 1, device)
     slots = torch.randperm(kc.shape[0] * wl.block_size, device=device)[:T]
     ref_c = (kc.clone(), vc.clone())
     store_kv_ref(k, v, *ref_c, slots)
@@ -293,7 +267,7 @@ def bench_attention(wl: Workload, T: int, device: torch.device, bw: float, peak:
     C = wl.decode_context
     kv_bytes = 2 * T * C * n_kv * D * el
     n_rot = _rotations(kv_bytes, device)
-    kc, vc, tables = _paged(wl, [C] * T, n_rot, device)
+    kc, vc, tables = paged_caches(wl, [C] * T, n_rot, device)
     ctx = torch.full((T,), C, dtype=torch.int32, device=device)
     qsl = torch.arange(T + 1, dtype=torch.int32, device=device)
     q = torch.randn(T, n_h, D, dtype=dt, device=device)
@@ -321,7 +295,7 @@ def bench_attention(wl: Workload, T: int, device: torch.device, bw: float, peak:
     del kc, vc
 
     # prefill: one sequence of T new tokens, causal
-    kc, vc, tables = _paged(wl, [T], 1, device)
+    kc, vc, tables = paged_caches(wl, [T], 1, device)
     ctx = torch.tensor([T], dtype=torch.int32, device=device)
     qsl = torch.tensor([0, T], dtype=torch.int32, device=device)
     got = paged_attention(q, kc, vc, tables[0], ctx, qsl, scale, max_query_len=T)

@@ -1,4 +1,4 @@
-"""The kernel benchmark's cost model, timing helpers and fast torch baselines (kernels/bench.py)."""
+"""The kernel benchmark's cost model, timing helpers, fast torch baselines and paged-cache inputs (kernels/bench.py)."""
 
 from __future__ import annotations
 
@@ -121,3 +121,24 @@ def moe_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     y = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
     y.index_add_(0, rows, o.float() * topk_weights.reshape(-1)[order, None].float())
     return y.to(x.dtype)
+
+
+def paged_caches(wl: Workload, ctx_lens: list[int], sets: int, device: torch.device):
+    """Caches holding `sets` disjoint copies of the batch (rotation) and their block tables."""
+    bs = wl.block_size
+    nblk = [-(-c // bs) for c in ctx_lens]
+    total = sum(nblk) * sets + 1
+    shape = (total, bs, wl.n_kv, wl.head_dim)
+    kc = torch.randn(shape, dtype=wl.torch_dtype, device=device)
+    vc = torch.randn(shape, dtype=wl.torch_dtype, device=device)
+    width = max(nblk)
+    tables = []
+    perm = torch.randperm(total - 1, device=device).to(torch.int32) + 1
+    at = 0
+    for _ in range(sets):
+        t = torch.zeros(len(ctx_lens), width, dtype=torch.int32, device=device)
+        for b, n in enumerate(nblk):
+            t[b, :n] = perm[at : at + n]
+            at += n
+        tables.append(t)
+    return kc, vc, tables

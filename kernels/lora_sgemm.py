@@ -14,16 +14,11 @@ Contract of `lora_linear` (Triton) and `lora_linear_ref`; adds the delta into y 
                   running beside it on a side stream (the shrink reads only x)
     z             optional [T, S * n_slices * R] shrink computed by the caller (keyword-only; any row
                   stride): z[t, s*n*R + i*R + r] = A[s, i*R + r] @ x[t]. Both implementations then skip
-                  the shrink and expand z (`linear_stacked` below gets it from the base GEMM itself)
+                  the shrink and expand z (`linear_stacked` in kernels/lora_stacked.py gets it from the
+                  base GEMM itself)
     batch, scratch, mode: Triton hints (keyword-only) that the reference accepts and ignores
 
     y[t, o_i:o_{i+1}] += B[s, o_i:o_{i+1}] @ (A[s, i*R:(i+1)*R] @ x[t])     for s = token_slot[t] >= 0
-
-`linear_stacked` is the layer-level form for a weight stored as W_cat = [W; A_0; ...; A_{S-1}]
-(`stacked_rows` says when a layer is stored so): one GEMM writes the base output and every slot's
-shrink side by side, and `lora_linear(z=...)` expands from it. At decode sizes the shrink is then free:
-its bytes (the A rows) are read by a GEMM that is reading the weight anyway, and no second launch or
-side stream is needed.
 
 The Triton path sorts tokens by slot on the device (`LoraBatch`, built once per step by
 `build_lora_batch` and reused by every layer), so its grid scales with the number of adapter slots,
@@ -106,73 +101,6 @@ def _check_z(z: torch.Tensor | None, base: object, T: int, cols: int) -> None:
                          f"got {tuple(z.shape)} strides {z.stride()}")
 
 
-# A layer stores its weight stacked with the pool's A rows (`linear_stacked`) while those rows add at most
-# this fraction to the weight's rows: the GEMM then computes every slot's shrink for every token, which
-# at prefill sizes costs that fraction in FLOPs (and at decode sizes reads A once, as the shrink would).
-# LORAX_STACKED_SHRINK (read at import): "0" never stacks, "1" always does.
-STACKED_MAX_FRACTION = 1 / 8
-STACKED_MODE = os.environ.get("LORAX_STACKED_SHRINK", "auto")
-# Below this many tokens `linear_stacked` on a GPU runs the GEMM on W alone and the shrink and expand beside
-# it (`lora_linear(base=...)`): there the side branch hides behind the GEMM, while the stacked path's expand
-# runs after it. Measured on an H100 (qkv 2048 -> 5120, 4 adapters of rank 16, weights rotated past L2,
-# two rounds): the side branch wins at 1-2 tokens (12.4-12.6 vs 13.3-13.5 us) and at 64 (13.8 vs 14.3);
-# the stacked GEMM at 4-32 (13.4-14.2 vs 13.8-14.9), 128 (15.1 vs 17.0), 512 (25.7 vs 30.7), 2048 (93.6 vs 96.5).
-STACKED_MIN_TOKENS = 4
-
-
-def stacked_rows(out_total: int, S: int, n_slices: int, R: int) -> int:
-    """A rows (S * n_slices * R) to stack under an [out_total, in] weight, or 0 to keep A apart."""
-    rows = S * n_slices * R
-    if STACKED_MODE == "0" or rows == 0:
-        return 0
-    return rows if STACKED_MODE == "1" or rows <= out_total * STACKED_MAX_FRACTION else 0
-
-
-def linear_stacked(
-    op: Callable[..., torch.Tensor],
-    x: torch.Tensor,
-    w_cat: torch.Tensor,
-    B: torch.Tensor,
-    slice_offsets: tuple[int, ...],
-    token_slot: torch.Tensor,
-    *,
-    bias_cat: torch.Tensor | None = None,
-    batch: LoraBatch | None = None,
-    slot_rank: torch.Tensor | None = None,
-    min_tokens: int | None = None,
-) -> torch.Tensor:
-    """y = x @ W^T (+ bias) plus each token's LoRA delta, for w_cat = [W; A.reshape(S * n * R, in)].
-
-    One GEMM writes [T, out_total + S*n*R]: the base output and, beside it, every slot's shrink; `op` (a
-    `lora_linear`: Triton or the reference) expands the token's own slot's block into the base part.
-    Returns the base part, a [T, out_total] view with row stride out_total + S*n*R. On a GPU below
-    `min_tokens` (default STACKED_MIN_TOKENS) the GEMM reads W alone and `op(base=...)` runs the shrink
-    beside it instead; the result is the same.
-    """
-    out_total = slice_offsets[-1]
-    S = B.shape[0]
-    T, K = x.shape
-    if w_cat.dim() != 2 or w_cat.shape[1] != K or (w_cat.shape[0] - out_total) % max(S, 1):
-        raise ValueError(f"linear_stacked: w_cat {tuple(w_cat.shape)} is not [out_total={out_total} + S*n*R, {K}]")
-    A = w_cat[out_total:].view(S, -1, K)
-    if x.device.type == "cuda" and (STACKED_MIN_TOKENS if min_tokens is None else min_tokens) > T:
-        y = x.new_empty(T, out_total)
-        w, b = w_cat[:out_total], None if bias_cat is None else bias_cat[:out_total]
-
-        def base() -> None:
-            torch.mm(x, w.t(), out=y) if b is None else torch.addmm(b, x, w.t(), out=y)
-
-        return op(x, y, A, B, slice_offsets, token_slot, batch=batch, slot_rank=slot_rank, base=base)
-    y_cat = x.new_empty(T, w_cat.shape[0])
-    if bias_cat is None:
-        torch.mm(x, w_cat.t(), out=y_cat)
-    else:
-        torch.addmm(bias_cat, x, w_cat.t(), out=y_cat)
-    y = y_cat[:, :out_total]
-    op(x, y, A, B, slice_offsets, token_slot, batch=batch, slot_rank=slot_rank, z=y_cat[:, out_total:])
-    return y
-
-
 class LoraBatch(NamedTuple):
     """Tokens of one step grouped by adapter slot; built on the device once per step."""
 
@@ -199,15 +127,6 @@ def build_lora_batch(token_slot: torch.Tensor, num_slots: int) -> LoraBatch:
     starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
     return LoraBatch(order, starts[:num_slots], counts[:num_slots], T)
 
-
-# ----------------------------------------------------------------------------------------------
-# Kernels
-# ----------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------
-# Launcher
-# ----------------------------------------------------------------------------------------------
 
 # Largest T the default picks the fused schedule for. Measured on an H100 (qkv 2048 -> 5120, rank 16,
 # 4 adapters), two launches beat the recomputed shrink at every T (T=1: 5.1 us split vs 7.8 us fused),
@@ -310,9 +229,8 @@ def _check(
 
 
 def z_expand_config(T: int) -> dict[str, int]:
-    """Expand tiles for a given z (no K loop): 16-row blocks up to 256 tokens. Measured on an H100 (qkv,
-    4 adapters of rank 16, after the stacked GEMM): 16 x 128 tiles, 4 warps, beat the split schedule's
-    tiles by 0.3 us at 128 tokens and 1-2 us at 512."""
+    """Expand tiles for a given z (no K loop). H100, qkv, 4 adapters of rank 16, after the stacked GEMM:
+    16 x 128 tiles beat the split schedule's by 0.3 us at 128 tokens and 1-2 us at 512."""
     return {"BLOCK_M": 16 if T <= 256 else 32, "BLOCK_N": 128, "num_warps": 4}
 
 
@@ -416,14 +334,13 @@ def lora_linear(
     grid_m = triton.cdiv(T, block_m)
 
     split = mode == "split"
-    z_slot_cols = 0
     given = z is not None
+    z_slot_cols = n_slices * R if given else 0
     # after our shrink, the expand launches early (PDL) and loads B while the shrink runs; after the caller's
     # GEMM (a given z: cuBLAS, which does not signal early) a programmatic launch only adds latency (H100,
     # qkv at 128 tokens: 16.2 -> 15.5 us without it)
     pdl_expand = pdl and split and not given
     if z is not None:
-        z_slot_cols = n_slices * R
         z = z.unsqueeze(0)  # one slab (SPLIT_K = 1)
     elif split:
         need = split_k * T * n_slices * R

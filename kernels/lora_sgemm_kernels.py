@@ -9,6 +9,32 @@ from lorax.kernels._common import pdl_trigger, pdl_wait
 
 
 @triton.jit
+def _shrink_rows(x_ptr, a_ptr, tok, slot, slice_idx, mask_m, mask_r, k_lo, k_hi, R,
+                 stride_xt, stride_xk, stride_as, stride_ar, stride_ak,
+                 CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[tok, k_lo:k_hi] @ A[slot, slice rows, k_lo:k_hi]^T in fp32: [BLOCK_M, BLOCK_R]."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + (k_lo + offs_k)[None, :] * stride_xk
+    a_rows = (slice_idx * R + offs_r).to(tl.int64)
+    a_ptrs = (a_ptr + slot.to(tl.int64) * stride_as + a_rows[None, :] * stride_ar
+              + (k_lo + offs_k)[:, None] * stride_ak)  # [BLOCK_K, BLOCK_R]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        mask_k = offs_k < k_hi - k0
+        xb = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        ab = tl.load(a_ptrs, mask=mask_r[None, :] & mask_k[:, None], other=0.0)
+        if CAST_FP32:
+            xb = xb.to(tl.float32)
+            ab = ab.to(tl.float32)
+        acc += tl.dot(xb, ab, input_precision=DOT_PREC)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    return acc
+
+
+@triton.jit
 def _lora_shrink_kernel(
     # pointers
     x_ptr,  # [T, K] activations
@@ -56,25 +82,12 @@ def _lora_shrink_kernel(
     tok = tl.load(sorted_ptr + seg_start + offs_m, mask=mask_m, other=0).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
-    offs_k = tl.arange(0, BLOCK_K)
 
     k_lo = split * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
-    x_ptrs = x_ptr + tok[:, None] * stride_xt + (k_lo + offs_k)[None, :] * stride_xk
-    a_rows = (slice_idx * R + offs_r).to(tl.int64)
-    a_ptrs = (a_ptr + slot.to(tl.int64) * stride_as + a_rows[None, :] * stride_ar
-              + (k_lo + offs_k)[:, None] * stride_ak)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        mask_k = offs_k < k_hi - k0
-        xb = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        ab = tl.load(a_ptrs, mask=mask_r[None, :] & mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
-        if CAST_FP32:
-            xb = xb.to(tl.float32)
-            ab = ab.to(tl.float32)
-        acc += tl.dot(xb, ab, input_precision=DOT_PREC)
-        x_ptrs += BLOCK_K * stride_xk
-        a_ptrs += BLOCK_K * stride_ak
+    acc = _shrink_rows(x_ptr, a_ptr, tok, slot, slice_idx, mask_m, mask_r, k_lo, k_hi, R,
+                       stride_xt, stride_xk, stride_as, stride_ar, stride_ak,
+                       CAST_FP32, DOT_PREC, BLOCK_M, BLOCK_R, BLOCK_K)
 
     pos = (seg_start + offs_m).to(tl.int64)
     z_ptrs = z_ptr + split * stride_zs + pos[:, None] * stride_zt + (slice_idx * R + offs_r)[None, :] * stride_zr
@@ -141,21 +154,9 @@ def _lora_expand_kernel(
 
     # z [BLOCK_M, BLOCK_R] fp32: this slice's shrink for the tile's rows (read from the shrink launch below)
     if SHRINK_INLINE:
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xk
-        a_rows = (slice_idx * R + offs_r).to(tl.int64)
-        a_ptrs = a_ptr + slot64 * stride_as + a_rows[None, :] * stride_ar + offs_k[:, None] * stride_ak
-        z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = offs_k < K - k0
-            xb = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            ab = tl.load(a_ptrs, mask=mask_r[None, :] & mask_k[:, None], other=0.0)
-            if CAST_FP32:
-                xb = xb.to(tl.float32)
-                ab = ab.to(tl.float32)
-            z += tl.dot(xb, ab, input_precision=DOT_PREC)
-            x_ptrs += BLOCK_K * stride_xk
-            a_ptrs += BLOCK_K * stride_ak
+        z = _shrink_rows(x_ptr, a_ptr, tok, slot, slice_idx, mask_m, mask_r, 0, K, R,
+                         stride_xt, stride_xk, stride_as, stride_ar, stride_ak,
+                         CAST_FP32, DOT_PREC, BLOCK_M, BLOCK_R, BLOCK_K)
     # B [BLOCK_R, BLOCK_N] first: it does not depend on the shrink, so with PDL it loads while that runs
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_end

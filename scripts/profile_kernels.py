@@ -20,7 +20,8 @@ import torch
 
 from lorax.kernels.bench import STANDARD, Workload, _slots
 from lorax.kernels.fused_moe import fused_moe
-from lorax.kernels.lora_sgemm import build_lora_batch, linear_stacked, lora_linear
+from lorax.kernels.lora_sgemm import build_lora_batch, lora_linear
+from lorax.kernels.lora_stacked import linear_stacked
 from lorax.kernels.moe_lora import MoELoraArgs
 
 REPLAYS = 20

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorax.inference.context import get_forward_context
-from lorax.kernels.lora_sgemm import linear_stacked, stacked_rows
+from lorax.kernels.lora_stacked import linear_stacked, stacked_rows
 from lorax.kernels.registry import KernelOps
 
 

@@ -16,7 +16,7 @@ import torch
 
 from lorax.adapters.canonical import CanonicalAdapter, LoraPair, MoELora
 from lorax.inference import LLM, GenerateRequest, SamplingParams
-from lorax.kernels import lora_sgemm
+from lorax.kernels import lora_stacked
 
 pytestmark = pytest.mark.gpu
 
@@ -80,7 +80,7 @@ def llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     path = _checkpoint(tmp_path_factory.mktemp("graphs") / "m")
     adapters = {n: _adapter(n, r, fmt, seed=i) for i, (n, (fmt, r)) in enumerate(ADAPTERS.items())}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lora_sgemm, "STACKED_MODE", request.param)
+        mp.setattr(lora_stacked, "STACKED_MODE", request.param)
         engine = LLM(
             str(path), adapters=adapters, device="cuda", dtype="float32", kernel_backend="triton",
             max_loras=2, max_lora_rank=16, max_num_seqs=16, max_num_batched_tokens=512, num_kv_blocks=512,

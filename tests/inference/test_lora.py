@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lorax.inference import LLM, GenerateRequest, SamplingParams
-from lorax.kernels import lora_sgemm
+from lorax.kernels import lora_stacked
 
 from .lora_utils import merged, random_adapter
 from .tiny_models import ENGINE, build_hf, hf_greedy, hf_logits, save
@@ -53,7 +53,7 @@ def test_mixed_adapter_batch_matches_merged_oracles(arch: str, tmp_path: Path) -
 @pytest.mark.parametrize("arch", ["qwen2_moe", "llama"])  # qkv with a bias; dense MLPs
 def test_stacked_shrink_matches_merged_oracles(arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stacked under the weight (one GEMM for the base output and the shrink) on every dense layer."""
-    monkeypatch.setattr(lora_sgemm, "STACKED_MODE", "1")
+    monkeypatch.setattr(lora_stacked, "STACKED_MODE", "1")
     llm = _check_mixed_batch(arch, tmp_path)
     attn = llm.model.layers[0].attn
     assert attn.qkv._w_cat is not None and attn.qkv.weight.data_ptr() == attn.qkv._w_cat.data_ptr()

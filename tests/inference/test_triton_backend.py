@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lorax.inference import LLM, GenerateRequest, SamplingParams
-from lorax.kernels import lora_sgemm
+from lorax.kernels import lora_stacked
 
 from .lora_utils import merged, random_adapter
 from .tiny_models import DEVICE, build_hf, hf_greedy, hf_logits, save
@@ -30,7 +30,7 @@ NEW = 4
 
 @pytest.mark.parametrize("stacked", ["0", "1"])  # A apart / stacked under the dense weights
 def test_triton_backend_matches_merged_oracles(stacked: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_sgemm, "STACKED_MODE", stacked)
+    monkeypatch.setattr(lora_stacked, "STACKED_MODE", stacked)
     hf = build_hf("qwen3_moe")
     path = save(hf, tmp_path / "m")
     ads = {

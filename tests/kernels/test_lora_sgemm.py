@@ -9,15 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorax.kernels import lora_sgemm
-from lorax.kernels.lora_sgemm import (
-    build_lora_batch,
-    linear_stacked,
-    lora_linear,
-    lora_linear_ref,
-    lora_scratch_numel,
-    stacked_rows,
-)
+from lorax.kernels import lora_sgemm, lora_stacked
+from lorax.kernels.lora_sgemm import build_lora_batch, lora_linear, lora_linear_ref, lora_scratch_numel
+from lorax.kernels.lora_stacked import linear_stacked, stacked_rows
 
 # dtype -> (atol, rtol) for y after the add; the kernel rounds once, the reference once per slice.
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 4e-2)}
@@ -186,9 +180,9 @@ def test_linear_stacked_matches_separate(bias, device):
 def test_stacked_rows_policy(monkeypatch):
     assert stacked_rows(5120, 4, 3, 16) == 192  # Qwen3-30B-A3B qkv, 4 adapters of rank 16: 3.75% more rows
     assert stacked_rows(5120, 40, 3, 16) == 0  # 40 slots: 37.5%, A stays apart
-    monkeypatch.setattr(lora_sgemm, "STACKED_MODE", "1")
+    monkeypatch.setattr(lora_stacked, "STACKED_MODE", "1")
     assert stacked_rows(5120, 40, 3, 16) == 1920
-    monkeypatch.setattr(lora_sgemm, "STACKED_MODE", "0")
+    monkeypatch.setattr(lora_stacked, "STACKED_MODE", "0")
     assert stacked_rows(5120, 4, 3, 16) == 0
 
 
