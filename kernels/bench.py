@@ -38,7 +38,7 @@ from lorax.kernels.bench_support import (
 )
 from lorax.kernels.fused_moe import fused_moe_ref
 from lorax.kernels.lora_sgemm import build_lora_batch, lora_linear, lora_linear_ref
-from lorax.kernels.lora_stacked import STACKED_MIN_TOKENS, linear_stacked, stacked_rows
+from lorax.kernels.lora_stacked import linear_stacked, stacked_rows, uses_stacked_gemm
 from lorax.kernels.moe_lora import MoELoraArgs
 from lorax.kernels.triton_ops import fused_moe_is_triton, make_ops
 
@@ -207,7 +207,7 @@ def bench_qkv(wl: Workload, T: int, device: torch.device, bw: float, peak: float
         return lora_linear(x, ys[i], sets[i][1], sets[i][2], offs, slot, batch=batch, base=partial(base, i))
 
     stacked = stacked_rows(N, S, 3, R) > 0  # what the engine's LoraLinear does at this pool size
-    stacked_here = stacked and (device.type != "cuda" or T >= STACKED_MIN_TOKENS)  # linear_stacked's switch
+    stacked_here = stacked and uses_stacked_gemm(T, device)
     cats = [torch.cat([w, a.reshape(-1, H)]) for w, a, _ in sets] if stacked else []
 
     def both(i: int) -> torch.Tensor:  # as the engine's LoraLinear calls it

@@ -78,10 +78,9 @@ def lora_linear_ref(
     for s in torch.unique(slot[slot >= 0]).tolist():
         rows = (slot == s).nonzero(as_tuple=True)[0]
         if z is None:
-            zs = x[rows].float() @ A[s].float().T  # [m, n_slices * R]
+            z_s = x[rows].float() @ A[s].float().T  # [m, n_slices * R]
         else:
-            zs = z[rows, s * nR : (s + 1) * nR].float()
-        z_s = zs
+            z_s = z[rows, s * nR : (s + 1) * nR].float()
         if slot_rank is not None:
             keep = torch.arange(nR, device=x.device) % R < int(slot_rank[s])
             z_s = z_s * keep
@@ -318,10 +317,11 @@ def lora_linear(
                          f"layer has {S} slots / {T} tokens")
     if slot_rank is not None and (slot_rank.shape != (S,) or slot_rank.dtype != torch.int32):
         raise ValueError(f"lora_linear: slot_rank must be [S={S}] int32")
-    if z is not None:
+    given = z is not None
+    if given:
         mode = "split"  # the expand of the split schedule, reading the caller's z: no shrink launch
     mode, cfg, split_k, k_per_split = _plan(T, K, S, R, n_slices, slice_offsets[-1], x.device, mode, config)
-    if z is not None:
+    if given:
         split_k = 1
         cfg = {**cfg, **z_expand_config(T), **(config or {})}
     block_m, block_n, block_k = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -334,13 +334,12 @@ def lora_linear(
     grid_m = triton.cdiv(T, block_m)
 
     split = mode == "split"
-    given = z is not None
     z_slot_cols = n_slices * R if given else 0
     # after our shrink, the expand launches early (PDL) and loads B while the shrink runs; after the caller's
     # GEMM (a given z: cuBLAS, which does not signal early) a programmatic launch only adds latency (H100,
     # qkv at 128 tokens: 16.2 -> 15.5 us without it)
     pdl_expand = pdl and split and not given
-    if z is not None:
+    if z is not None:  # given
         z = z.unsqueeze(0)  # one slab (SPLIT_K = 1)
     elif split:
         need = split_k * T * n_slices * R
@@ -374,8 +373,8 @@ def lora_linear(
             B.stride(0), B.stride(1), B.stride(2),
             out.stride(0), out.stride(1),
             SPLIT_K=split_k, SHRINK_INLINE=not split, Z_BY_TOKEN=given, HAS_RANK=slot_rank is not None,
-            ACCUMULATE=accumulate, CAST_FP32=cast, DOT_PREC=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-            BLOCK_K=block_k, USE_PDL=pdl_expand, launch_pdl=pdl_expand, **launch,
+            ACCUMULATE=accumulate, CAST_FP32=cast, DOT_PREC=dot_precision(x.dtype), BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_K=block_k, USE_PDL=pdl_expand, launch_pdl=pdl_expand, **launch,
         )
 
     if base is not None and _fork(T, x.device):

@@ -38,6 +38,11 @@ def stacked_rows(out_total: int, S: int, n_slices: int, R: int) -> int:
     return rows if STACKED_MODE == "1" or rows <= out_total * STACKED_MAX_FRACTION else 0
 
 
+def uses_stacked_gemm(tokens: int, device: torch.device, min_tokens: int | None = None) -> bool:
+    """Whether `linear_stacked` runs the stacked GEMM for this many tokens (else W alone + the side branch)."""
+    return device.type != "cuda" or tokens >= (STACKED_MIN_TOKENS if min_tokens is None else min_tokens)
+
+
 def linear_stacked(
     op: Callable[..., torch.Tensor],
     x: torch.Tensor,
@@ -65,7 +70,7 @@ def linear_stacked(
     if w_cat.dim() != 2 or w_cat.shape[1] != K or (w_cat.shape[0] - out_total) % max(S, 1):
         raise ValueError(f"linear_stacked: w_cat {tuple(w_cat.shape)} is not [out_total={out_total} + S*n*R, {K}]")
     A = w_cat[out_total:].view(S, -1, K)
-    if x.device.type == "cuda" and (STACKED_MIN_TOKENS if min_tokens is None else min_tokens) > T:
+    if not uses_stacked_gemm(T, x.device, min_tokens):
         y = x.new_empty(T, out_total)
         w, b = w_cat[:out_total], None if bias_cat is None else bias_cat[:out_total]
 

@@ -53,9 +53,6 @@ class LoraLinear(nn.Module):
         self._w_cat: torch.Tensor | None = None
         self._b_cat: torch.Tensor | None = None
 
-    def set_lora(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-        self.lora_A, self.lora_B = lora_A, lora_B
-
     def alloc_lora(self, S: int, R: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Allocate (zeroed) and attach this layer's pool slab; returns (lora_A, lora_B).
 
@@ -82,7 +79,7 @@ class LoraLinear(nn.Module):
                 self.bias.data = b_cat[: self.out_features]
                 self._b_cat = b_cat
             A = w_cat[self.out_features :].view(S, n * R, self.in_features)
-        self.set_lora(A, B)
+        self.lora_A, self.lora_B = A, B
         return A, B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
