@@ -14,7 +14,10 @@ Keyword-only, both implementations (the reference ignores the first and last):
     scratch       1-D uint8 workspace of >= fused_moe_scratch_bytes(x, w13, k, lora) bytes (CUDA graphs)
     out           [T, H] output buffer
     config        block config dict (see `moe_config`; default: kernels/configs/fused_moe.json, then a
-                  heuristic by pairs per expert)
+                  heuristic by pairs per expert). Keys: BLOCK_M, BLOCK_N_GU, BLOCK_K_GU, BLOCK_N_D,
+                  BLOCK_K_D, GROUP_M, num_warps, num_stages, SPLIT (LoRA shrink K-split), and optionally
+                  STACK_ELEMS (LoRA epilogue slot stacking), LORA_K (1: the LoRA as K steps of the GEMMs,
+                  see kernels/moe_lora.py) and SHRINK_M (rows per LoRA shrink program, a divisor of BLOCK_M)
 
 The Triton path is sync-free; its results are bitwise repeatable (the top-k sum has a fixed order).
 """
@@ -34,6 +37,7 @@ from lorax.kernels.moe_lora import (
     MoELoraArgs,
     lora_block_r,
     moe_lora_down_ref,
+    moe_lora_down_shrink,
     moe_lora_gate_up_ref,
     moe_lora_shrink,
     slot_group,
@@ -135,9 +139,9 @@ STACK_ELEMS = 1024
 
 
 class _Buffers(NamedTuple):
-    act: torch.Tensor  # [N, I] x.dtype
+    act: torch.Tensor  # [N, I] x.dtype ([N, I + S*BLOCK_R] in the LoRA K step mode: z_d stacked beside a)
     ypair: torch.Tensor  # [N, H] x.dtype
-    zgu: torch.Tensor  # [N, SPLIT, 2, BLOCK_R] fp32 (LoRA) else [0]
+    zgu: torch.Tensor  # [N, SPLIT, 2, BLOCK_R] fp32 (LoRA; K step mode [N, 2, S, BLOCK_R] x.dtype) else [0]
     zsh: torch.Tensor  # [T, SPLIT, 2, BLOCK_R] fp32 (shared-outer) else [0]
     zdp: torch.Tensor  # [N, NT_GU, BLOCK_R] fp32 (LoRA) else [0]
     zdw: torch.Tensor  # [N, BLOCK_R] fp32 (shared-outer) else [0]
@@ -146,11 +150,14 @@ class _Buffers(NamedTuple):
 def _buffer_specs(T: int, topk: int, H: int, I: int, dtype: torch.dtype, lora: MoELoraArgs | None,
                   cfg: dict[str, int]) -> list[tuple[tuple[int, ...], torch.dtype]]:
     N = T * topk
-    specs: list[tuple[tuple[int, ...], torch.dtype]] = [((N, I), dtype), ((N, H), dtype)]
     f32 = torch.float32
     if lora is None:
-        return specs + [((0,), f32)] * 4
+        return [((N, I), dtype), ((N, H), dtype)] + [((0,), f32)] * 4
+    S = lora.gate_up_A.shape[0]
     br = lora_block_r(lora.gate_up_A.shape[2] // 2)
+    if _lora_k_step(lora, cfg):
+        return [((N, I + S * br), dtype), ((N, H), dtype), ((N, 2, S, br), dtype)] + [((0,), f32)] * 3
+    specs: list[tuple[tuple[int, ...], torch.dtype]] = [((N, I), dtype), ((N, H), dtype)]
     shared = lora.shared_gate_up_A is not None or lora.shared_down_B is not None
     nt = triton.cdiv(I, cfg["BLOCK_N_GU"])
     specs.append(((N, cfg["SPLIT"], 2, br), f32))
@@ -158,6 +165,13 @@ def _buffer_specs(T: int, topk: int, H: int, I: int, dtype: torch.dtype, lora: M
     specs.append(((N, nt, br), f32))
     specs.append(((N, br) if shared else (0,), f32))
     return specs
+
+
+def _lora_k_step(lora: MoELoraArgs | None, cfg: dict[str, int]) -> bool:
+    """Whether a call runs the LoRA as K steps of the GEMMs (config key LORA_K; SPLIT 1 and no
+    shared-outer adapters) rather than in their epilogues."""
+    return (lora is not None and bool(cfg.get("LORA_K", 0)) and cfg["SPLIT"] == 1
+            and lora.shared_gate_up_A is None and lora.shared_down_B is None)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -246,6 +260,7 @@ def fused_moe(
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], USE_PDL=pdl, launch_pdl=pdl)
 
     has_lora = lora is not None
+    k_step = _lora_k_step(lora, cfg)
     S = R = 0
     br = 16
     has_shared = False
@@ -275,7 +290,8 @@ def fused_moe(
             sh_b = lora.shared_down_B if lora.shared_down_B is not None else zero_b
             lora = lora._replace(shared_gate_up_A=sh_a, shared_down_B=sh_b)
         moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, topk, bm, cfg["SPLIT"],
-                        buf.zgu, buf.zsh if has_shared else None, cast_fp32=cast, dot_prec=prec)
+                        buf.zgu, buf.zsh if has_shared else None, stacked=k_step, sub_m=cfg.get("SHRINK_M"),
+                        cast_fp32=cast, dot_prec=prec)
     nt_gu = triton.cdiv(I, cfg["BLOCK_N_GU"])
     sg = slot_group(S, bm, br, cfg.get("STACK_ELEMS", STACK_ELEMS))
     nt_chunk = max(1, min(triton.next_power_of_2(nt_gu), 4096 // (bm * sg * br)))
@@ -287,8 +303,13 @@ def fused_moe(
         *(gu_b.stride() if has_lora else (0, 0, 0, 0)), *(d_a.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=cfg["BLOCK_K_GU"], GROUP_M=cfg["GROUP_M"],
         HAS_LORA=has_lora, HAS_SHARED=has_shared, SPLIT=cfg["SPLIT"], BLOCK_R=br, SG=sg,
-        EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, DOT_PREC=prec, **launch,
+        EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, **launch,
     )
+    if k_step:
+        assert lora is not None
+        moe_lora_down_shrink(buf.act, lora, align.sorted_ids, align.block_expert, align.num_padded, topk, bm,
+                             sub_m=cfg.get("SHRINK_M"), block_k=min(64, cfg["BLOCK_K_D"]), cast_fp32=cast,
+                             dot_prec=prec)
     _down_kernel[(max_blocks * triton.cdiv(H, cfg["BLOCK_N_D"]),)](
         buf.act, w2, buf.ypair, weights, align.sorted_ids, align.block_expert, align.num_padded,
         slot, buf.zdp, d_b, buf.zdw,
@@ -297,7 +318,7 @@ def fused_moe(
         *(d_b.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_D"], BLOCK_K=cfg["BLOCK_K_D"], GROUP_M=cfg["GROUP_M"],
         HAS_LORA=has_lora, HAS_SHARED=has_shared, BLOCK_R=br, NT_GU=nt_gu, NT_CHUNK=nt_chunk, SG=sg,
-        EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, DOT_PREC=prec, **launch,
+        EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, **launch,
     )
     block_t = 16
     block_h = min(256, triton.next_power_of_2(H))

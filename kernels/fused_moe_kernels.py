@@ -66,6 +66,7 @@ def _gate_up_kernel(
     SG: tl.constexpr,  # slots stacked per LoRA dot (power of two)
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,  # with LoRA the previous launch is the shrink: only the epilogue waits for it
+    LORA_K: tl.constexpr = False,  # LoRA K step mode: zgu is the stacked z [N, 2, S, BLOCK_R] (x.dtype)
 ):
     if HAS_LORA:
         # the shrink writes only zgu/zsh, read after pdl_wait below: the main loop overlaps it
@@ -108,7 +109,33 @@ def _gate_up_kernel(
             x_ptrs += BLOCK_K * stride_xh
             wg_ptrs += BLOCK_K * stride_wh
             wu_ptrs += BLOCK_K * stride_wh
-        if HAS_LORA:
+        if HAS_LORA and LORA_K:
+            # LoRA K step: h += [z_gate | z_up](stacked by slot) [B_gate | B_up](stacked by slot), S*BLOCK_R
+            # more K columns read like the main loop's (zeros outside each row's slot: no masks by slot)
+            slot = tl.load(token_slot_ptr + token, mask=mask_m, other=-1)
+            if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it
+                pdl_wait(USE_PDL)
+                KW = S * BLOCK_R
+                z_rows = zgu_ptr + rows.to(tl.int64)[:, None] * (2 * KW)
+                b_cols = gu_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn  # [1, BLOCK_N]
+                for j0 in tl.range(0, KW, BLOCK_K, num_stages=1):
+                    j = j0 + offs_k
+                    mask_j = j < KW
+                    m_z = mask_m[:, None] & mask_j[None, :]
+                    zg = tl.load(z_rows + j[None, :], mask=m_z, other=0.0)
+                    zu = tl.load(z_rows + KW + j[None, :], mask=m_z, other=0.0)
+                    b_ptrs = b_cols + (j // BLOCK_R).to(tl.int64)[:, None] * stride_bs + (j % BLOCK_R)[:, None] * stride_br
+                    m_b = (mask_j & (j % BLOCK_R < R))[:, None] & mask_n[None, :]
+                    bg = tl.load(b_ptrs, mask=m_b, other=0.0)
+                    bu = tl.load(b_ptrs + I * stride_bn, mask=m_b, other=0.0)
+                    if CAST_FP32:
+                        zg = zg.to(tl.float32)
+                        zu = zu.to(tl.float32)
+                        bg = bg.to(tl.float32)
+                        bu = bu.to(tl.float32)
+                    acc_g = tl.dot(zg, bg, acc_g, input_precision=DOT_PREC)
+                    acc_u = tl.dot(zu, bu, acc_u, input_precision=DOT_PREC)
+        elif HAS_LORA:
             # gate_up expand before the activation: h += [B_gate z_gate ; B_up z_up]. Slots are stacked
             # SG at a time along the dot's K axis (column g*BLOCK_R + r holds z[:, r] of the rows whose
             # slot is s0 + g, zero elsewhere): one dot and one masked tile load per group, no per-slot
@@ -164,7 +191,7 @@ def _gate_up_kernel(
         act = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(act_ptr.dtype.element_ty)
         tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :], act,
                  mask=mask_m[:, None] & mask_n[None, :])
-        if HAS_LORA:  # noqa: SIM102 - a constexpr test, then a runtime one
+        if HAS_LORA and not LORA_K:  # noqa: SIM102 - a constexpr test, then a runtime one
             if any_lora:
                 # down shrink, partial over this I tile: zdp[n, pid_n] = down_A[s, e][:, tile] a[n, tile],
                 # one stacked dot per slot group, then each row keeps its own slot's column block
@@ -237,6 +264,7 @@ def _down_kernel(
     SG: tl.constexpr,
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
+    LORA_K: tl.constexpr = False,  # LoRA K step mode: act's columns [I, I + S*BLOCK_R) hold z_d stacked
 ):
     pdl_wait(USE_PDL)
     pdl_trigger(USE_PDL)
@@ -268,7 +296,25 @@ def _down_kernel(
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K * stride_wk
         w = tl.load(topk_w_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
-        if HAS_LORA:
+        if HAS_LORA and LORA_K:
+            # LoRA K step: y += z_d(stacked by slot) down_B(stacked by slot), S*BLOCK_R more K columns
+            slot = tl.load(token_slot_ptr + rows // TOPK, mask=mask_m, other=-1)
+            if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:
+                KW = S * BLOCK_R
+                z_rows = act_ptr + rows64[:, None] * stride_am + I
+                b_cols = d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+                for j0 in range(0, KW, BLOCK_K):
+                    j = j0 + offs_k
+                    mask_j = j < KW
+                    zt = tl.load(z_rows + j[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
+                    db = tl.load(b_cols + (j // BLOCK_R).to(tl.int64)[:, None] * stride_bs
+                                 + (j % BLOCK_R)[:, None] * stride_br,
+                                 mask=(mask_j & (j % BLOCK_R < R))[:, None] & mask_n[None, :], other=0.0)
+                    if CAST_FP32:
+                        zt = zt.to(tl.float32)
+                        db = db.to(tl.float32)
+                    acc = tl.dot(zt, db, acc, input_precision=DOT_PREC)
+        elif HAS_LORA:
             slot = tl.load(token_slot_ptr + rows // TOPK, mask=mask_m, other=-1)
             has = slot >= 0
             if tl.max(has.to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it all

@@ -12,7 +12,8 @@ import torch
 from test_fused_moe import TOL, assert_close, make_moe, ref_fp32
 
 from lorax.kernels.fused_moe import fused_moe
-from lorax.kernels.moe_lora import MoELoraArgs
+from lorax.kernels.moe_align import moe_align
+from lorax.kernels.moe_lora import MoELoraArgs, lora_block_r, moe_lora_shrink
 
 
 def make_lora(T: int, H: int, I: int, E: int, ranks: list[int | None], slots: torch.Tensor,
@@ -132,6 +133,84 @@ def test_no_adapter_tokens_cost_nothing_and_change_nothing(device: str) -> None:
         assert (got - base).abs().max().item() <= 1e-6 * base.abs().max().item()
 
 
+# LoRA K step mode (config LORA_K): (name, T, E, k, ranks, slot pattern, id low, id high, BLOCK_M, BLOCK_K,
+# SHRINK_M). S * 16 stacked columns against BLOCK_K: 5 slots take two K steps (80 columns, the second one
+# partial), 2 slots half a step.
+K_CASES = [
+    ("rank 1 and max rank, empty slot, sentinels", 21, 3, 2, [16, 8, None, 16, 1], "mixed", -1, 4, 16, 64, None),
+    ("all tokens on one adapter", 17, 4, 2, [4, 8], "one", 0, 4, 32, 32, 16),
+    ("mixed ranks, sub-block shrink programs", 23, 2, 3, [16, 2, 8], "mixed", 0, 2, 64, 16, 16),
+    ("empty experts, one K step per 16 columns", 9, 6, 2, [1], "mixed", 0, 3, 16, 16, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,T,E,k,ranks,pattern,lo,hi,bm,bk,sub_m", K_CASES)
+def test_lora_k_step_matches_ref(device: str, dtype: torch.dtype, name: str, T: int, E: int, k: int,
+                                 ranks: list[int | None], pattern: str, lo: int, hi: int, bm: int, bk: int,
+                                 sub_m: int | None) -> None:
+    """The LoRA as extra K columns of both GEMMs (stacked z from the shrink, stacked z_d from the down shrink
+    in act's extra columns) equals the reference, on odd sizes (H 48, I 40)."""
+    H, I = 48, 40
+    x, w13, w2, w, ids = make_moe(T, H, I, E, k, dtype, device, lo, hi)
+    lora = make_lora(T, H, I, E, ranks, _slots(pattern, T, len(ranks)), dtype, device)
+    cfg = dict(BLOCK_M=bm, BLOCK_N_GU=16, BLOCK_K_GU=bk, BLOCK_N_D=16, BLOCK_K_D=bk, GROUP_M=2, SPLIT=1,
+               num_warps=4, num_stages=1, LORA_K=1, **({"SHRINK_M": sub_m} if sub_m else {}))
+    ref = ref_fp32(x, w13, w2, w, ids, lora)
+    assert (ref - ref_fp32(x, w13, w2, w, ids)).abs().max().item() > 10 * TOL[dtype] * ref.abs().max().item()
+    assert_close(fused_moe(x, w13, w2, w, ids, lora, config=cfg), ref, dtype)
+
+
+def test_lora_k_step_no_adapter_rows_and_shared_fallback(device: str) -> None:
+    """K step mode with every slot -1 equals the base layer; with shared-outer adapters the config's LORA_K
+    falls back to the epilogue path and still matches the reference."""
+    T, H, I, E, k = 11, 32, 24, 3, 2
+    x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.float32, device)
+    cfg = dict(BLOCK_M=16, BLOCK_N_GU=16, BLOCK_K_GU=16, BLOCK_N_D=16, BLOCK_K_D=16, GROUP_M=1, SPLIT=1,
+               num_warps=4, num_stages=1, LORA_K=1)
+    idle = make_lora(T, H, I, E, [4, 4], torch.full((T,), -1, dtype=torch.int32), torch.float32, device)
+    assert_close(fused_moe(x, w13, w2, w, ids, idle, config=cfg), fused_moe(x, w13, w2, w, ids, config=cfg),
+                 torch.float32)
+    shared = make_lora(T, H, I, E, [4, 8], _slots("mixed", T, 2), torch.float32, device, (1,))
+    assert_close(fused_moe(x, w13, w2, w, ids, shared, config=cfg), ref_fp32(x, w13, w2, w, ids, shared),
+                 torch.float32)
+
+
+def test_stacked_shrink_layout(device: str) -> None:
+    """moe_lora_shrink(stacked=True): each row of a block with adapter rows holds A[s, e] x in its own
+    slot's column block and zeros in every other (rows with slot -1 all zeros); blocks without adapter
+    rows are not written."""
+    T, H, E, k, S, R = 12, 40, 3, 2, 3, 8
+    br = lora_block_r(R)
+    x = torch.randn(T, H, device=device)
+    ids = torch.tensor([[0, 1]] * 6 + [[2, 1]] * 6, dtype=torch.int32, device=device)  # expert 2: tokens 6..11
+    slot = torch.tensor([0, 2, -1, 1, 0, 2] + [-1] * 6, dtype=torch.int32, device=device)  # expert 2 block: no adapter
+    gu_a = torch.randn(S, E, 2 * R, H, device=device)
+    lora = MoELoraArgs(slot, gu_a, torch.zeros(S, E, 2, R, device=device), torch.zeros(S, E, R, 2, device=device),
+                       torch.zeros(S, E, H, R, device=device))
+    align = moe_align(ids, E, 16)
+    out = torch.full((T * k, 2, S, br), 7.0, device=device)
+    moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, k, 16, 1, out, None,
+                    stacked=True, sub_m=16)
+    for n in range(T * k):
+        t, e = n // k, int(ids[n // k, n % k])
+        if e == 2:
+            assert torch.equal(out[n], torch.full_like(out[n], 7.0)), f"pair {n}: block without adapter rows written"
+            continue
+        want = torch.zeros(2, S, br, device=device)
+        s = int(slot[t])
+        if s >= 0:
+            z = gu_a[s, e] @ x[t]
+            want[0, s, :R], want[1, s, :R] = z[:R], z[R:]
+        torch.testing.assert_close(out[n], want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="split 1"):
+        moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, k, 16, 2, out, None,
+                        stacked=True)
+    with pytest.raises(ValueError, match="rows per program"):
+        moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, k, 32, 1, out, None,
+                        stacked=True, sub_m=24)
+
+
 def test_rejects_bad_slab(device: str) -> None:
     T, H, I, E, k = 3, 32, 24, 4, 2
     x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.float32, device)
@@ -142,11 +221,29 @@ def test_rejects_bad_slab(device: str) -> None:
         fused_moe(x, w13, w2, w, ids, lora._replace(token_slot=lora.token_slot.long()))
 
 
+_GPU_CASES = [(T, shape, (2,)) for T in (1, 8, 64, 512, 2048) for shape in ((2048, 768, 128, 8), (2048, 1024, 64, 8))]
+# without shared-outer slots the tuned H100 configs at 512 and 2048 tokens run the LoRA K step
+_GPU_CASES += [(512, (2048, 768, 128, 8), ()), (2048, (2048, 768, 128, 8), ())]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T", [1, 8, 64, 512, 2048])
-@pytest.mark.parametrize("H,I,E,k", [(2048, 768, 128, 8), (2048, 1024, 64, 8)])
-def test_moe_lora_gpu(dtype: torch.dtype, T: int, H: int, I: int, E: int, k: int) -> None:
+@pytest.mark.parametrize("T,shape,shared", _GPU_CASES)
+def test_moe_lora_gpu(dtype: torch.dtype, T: int, shape: tuple[int, int, int, int], shared: tuple[int, ...]) -> None:
+    H, I, E, k = shape
     x, w13, w2, w, ids = make_moe(T, H, I, E, k, dtype, "cuda", -1, E)
-    lora = make_lora(T, H, I, E, [16, 8, 16, None], _slots("mixed", T, 4), dtype, "cuda", (2,))
+    lora = make_lora(T, H, I, E, [16, 8, 16, None], _slots("mixed", T, 4), dtype, "cuda", shared)
     assert_close(fused_moe(x, w13, w2, w, ids, lora), ref_fp32(x, w13, w2, w, ids, lora), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,bm,sub_m", [(96, 64, 32), (700, 128, 64), (2048, 128, None)])
+def test_lora_k_step_gpu(dtype: torch.dtype, T: int, bm: int, sub_m: int | None) -> None:
+    """The K step mode compiled for the GPU at the Qwen3-30B-A3B layer, 5 slots (two K steps)."""
+    H, I, E, k = 2048, 768, 128, 8
+    x, w13, w2, w, ids = make_moe(T, H, I, E, k, dtype, "cuda", -1, E)
+    lora = make_lora(T, H, I, E, [16, 8, 16, None, 1], _slots("mixed", T, 5), dtype, "cuda")
+    cfg = dict(BLOCK_M=bm, BLOCK_N_GU=64, BLOCK_K_GU=64, BLOCK_N_D=128, BLOCK_K_D=64, GROUP_M=8, SPLIT=1,
+               num_warps=8 if bm == 128 else 4, num_stages=3, LORA_K=1, **({"SHRINK_M": sub_m} if sub_m else {}))
+    assert_close(fused_moe(x, w13, w2, w, ids, lora, config=cfg), ref_fp32(x, w13, w2, w, ids, lora), dtype)
