@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 
 from lorax.kernels._common import tuned_buckets, use_pdl
-from lorax.kernels.fused_moe_kernels import _down_kernel, _gate_up_kernel, _topk_sum_kernel
+from lorax.kernels.fused_moe_kernels import _down_kernel, _gate_up_kernel
 from lorax.kernels.moe_align import interpreting, moe_align, virtual_expert_ids_ref
 from lorax.kernels.moe_lora import (
     MoELoraArgs,
@@ -42,6 +42,7 @@ from lorax.kernels.moe_lora import (
     moe_lora_shrink,
     slot_group,
 )
+from lorax.kernels.moe_topk_sum_kernels import _topk_sum_kernel
 
 
 def silu_and_mul(h: torch.Tensor) -> torch.Tensor:

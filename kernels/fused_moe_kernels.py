@@ -2,9 +2,11 @@
 
 Three GEMM-side kernels walk the blocks of a `moe_align` alignment (BLOCK_M pairs of one expert):
     _gate_up_kernel   act = silu(x W_gate^T + dg) * (x W_up^T + du), with the LoRA expand (dg, du) and the
-                      down-LoRA shrink partials in its epilogue
-    _down_kernel      ypair = w * (act W2^T + down_B z_d), z_d summed from the partials
-    _topk_sum_kernel  y[t] = sum_j ypair[t, j] (+ shared_down_B u[t]), fixed order: deterministic
+                      down-LoRA shrink partials in its epilogue, or (LORA_K) the expand as K steps after
+                      its main loop
+    _down_kernel      ypair = w * (act W2^T + down_B z_d), z_d summed from the partials, or (LORA_K) K steps
+                      over the stacked z_d in act's extra columns
+(the top-k sum that follows them: kernels/moe_topk_sum_kernels.py)
 Blocks past the device-side num_padded, and padding rows (pair id == N), do nothing.
 """
 
@@ -39,6 +41,14 @@ def _block_rows(pid, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, num_pid_n
 def _stack(z, BLOCK_M: tl.constexpr, SG: tl.constexpr, BLOCK_R: tl.constexpr):
     """[BLOCK_M, BLOCK_R] -> [BLOCK_M, SG*BLOCK_R]: z repeated in each slot's column block (registers only)."""
     return tl.reshape(tl.broadcast_to(z[:, None, :], [BLOCK_M, SG, BLOCK_R]), [BLOCK_M, SG * BLOCK_R])
+
+
+@triton.jit
+def _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R: tl.constexpr):
+    """Pointers and mask of a LoRA K step's B tile [len(j), BLOCK_N]: stacked column j = s*BLOCK_R + r reads
+    B[s, :, :, r] of the block's expert (b_cols: [1, BLOCK_N] at s = r = 0); zero past KW and rank R."""
+    ptrs = b_cols + (j // BLOCK_R).to(tl.int64)[:, None] * stride_bs + (j % BLOCK_R)[:, None] * stride_br
+    return ptrs, ((j < KW) & (j % BLOCK_R < R))[:, None] & mask_n[None, :]
 
 
 @triton.jit
@@ -124,8 +134,7 @@ def _gate_up_kernel(
                     m_z = mask_m[:, None] & mask_j[None, :]
                     zg = tl.load(z_rows + j[None, :], mask=m_z, other=0.0)
                     zu = tl.load(z_rows + KW + j[None, :], mask=m_z, other=0.0)
-                    b_ptrs = b_cols + (j // BLOCK_R).to(tl.int64)[:, None] * stride_bs + (j % BLOCK_R)[:, None] * stride_br
-                    m_b = (mask_j & (j % BLOCK_R < R))[:, None] & mask_n[None, :]
+                    b_ptrs, m_b = _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R)
                     bg = tl.load(b_ptrs, mask=m_b, other=0.0)
                     bu = tl.load(b_ptrs + I * stride_bn, mask=m_b, other=0.0)
                     if CAST_FP32:
@@ -305,11 +314,9 @@ def _down_kernel(
                 b_cols = d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
                 for j0 in range(0, KW, BLOCK_K):
                     j = j0 + offs_k
-                    mask_j = j < KW
-                    zt = tl.load(z_rows + j[None, :], mask=mask_m[:, None] & mask_j[None, :], other=0.0)
-                    db = tl.load(b_cols + (j // BLOCK_R).to(tl.int64)[:, None] * stride_bs
-                                 + (j % BLOCK_R)[:, None] * stride_br,
-                                 mask=(mask_j & (j % BLOCK_R < R))[:, None] & mask_n[None, :], other=0.0)
+                    zt = tl.load(z_rows + j[None, :], mask=mask_m[:, None] & (j < KW)[None, :], other=0.0)
+                    db_ptrs, m_db = _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R)
+                    db = tl.load(db_ptrs, mask=m_db, other=0.0)
                     if CAST_FP32:
                         zt = zt.to(tl.float32)
                         db = db.to(tl.float32)
@@ -353,55 +360,3 @@ def _down_kernel(
         acc = acc * w[:, None]
         tl.store(ypair_ptr + rows64[:, None] * stride_ym + offs_n[None, :], acc.to(ypair_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _topk_sum_kernel(
-    # pointers
-    ypair_ptr,  # [T*k, H] per-pair outputs (rows of sentinel pairs were never written)
-    topk_ids_ptr,  # [T, k] int32
-    y_ptr,  # [T, H] out
-    token_slot_ptr, zdw_ptr, sh_b_ptr,  # HAS_SHARED: [T], [T*k, BLOCK_R] fp32, [S, H, R]
-    # sizes
-    T, TOPK, E, H, S, R,
-    stride_ym, stride_om, stride_ss, stride_sh, stride_sr,
-    # meta
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
-    USE_PDL: tl.constexpr,
-):
-    pdl_wait(USE_PDL)
-    # deterministic top-k reduction (fixed j order, fp32), plus the shared-outer down expand once per token
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_t = offs_t < T
-    mask_h = offs_h < H
-    offs_t64 = offs_t.to(tl.int64)
-    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-    offs_r = tl.arange(0, BLOCK_R)
-    u = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
-    slot = tl.load(token_slot_ptr + offs_t, mask=mask_t, other=-1)  # (without LoRA: any int32 [>= T])
-    for j in range(0, TOPK):
-        e = tl.load(topk_ids_ptr + offs_t64 * TOPK + j, mask=mask_t, other=-1)
-        valid = (e >= 0) & (e < E)
-        row = offs_t64 * TOPK + j
-        acc += tl.load(ypair_ptr + row[:, None] * stride_ym + offs_h[None, :],
-                       mask=valid[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
-        if HAS_SHARED:
-            u += tl.load(zdw_ptr + row[:, None] * BLOCK_R + offs_r[None, :], mask=(valid & (slot >= 0))[:, None],
-                         other=0.0)
-    if HAS_SHARED:
-        b_off = offs_h[None, :] * stride_sh + offs_r[:, None] * stride_sr
-        for s in range(0, S):
-            in_s = slot == s
-            if tl.max(in_s.to(tl.int32), axis=0) > 0:
-                sb = tl.load(sh_b_ptr + s * stride_ss + b_off, mask=(offs_r[:, None] < R) & mask_h[None, :],
-                             other=0.0)
-                us = tl.where(in_s[:, None], u, 0.0)
-                if CAST_FP32:
-                    sb = sb.to(tl.float32)
-                else:
-                    us = us.to(sb.dtype)
-                acc = tl.dot(us, sb, acc, input_precision=DOT_PREC)
-    tl.store(y_ptr + offs_t64[:, None] * stride_om + offs_h[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mask_t[:, None] & mask_h[None, :])
