@@ -77,6 +77,7 @@ def _gate_up_kernel(
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,  # with LoRA the previous launch is the shrink: only the epilogue waits for it
     LORA_K: tl.constexpr = False,  # LoRA K step mode: zgu is the stacked z [N, 2, S, BLOCK_R] (x.dtype)
+    ONE_GROUP: tl.constexpr = False,  # S <= SG: the epilogues' slot loops take one group
 ):
     if HAS_LORA:
         # the shrink writes only zgu/zsh, read after pdl_wait below: the main loop overlaps it
@@ -155,6 +156,13 @@ def _gate_up_kernel(
             offs_q = tl.arange(0, SG * BLOCK_R)
             q_s = offs_q // BLOCK_R  # slot (within the group) of stacked column q
             q_r = offs_q % BLOCK_R  # rank index of stacked column q
+            if ONE_GROUP:
+                # every slot in one group: the down shrink's down_A tile is issued now, beside the expand's
+                # loads and before the wait for the shrink, instead of one round trip after the activation
+                present0 = tl.max((slot[:, None] == q_s[None, :]).to(tl.int32), axis=0) > 0
+                da0 = tl.load(d_a_ptr + expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di
+                              + q_s.to(tl.int64)[None, :] * stride_ds + q_r[None, :] * stride_dr,
+                              mask=mask_n[:, None] & (present0 & (q_r < R) & any_lora)[None, :], other=0.0)
             if any_lora:
                 pdl_wait(USE_PDL)
                 z_row = zgu_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R)  # [BLOCK_M, 1]
@@ -214,8 +222,12 @@ def _gate_up_kernel(
                     sel = slot[:, None] == (s0 + q_s)[None, :]
                     present = tl.max(sel.to(tl.int32), axis=0) > 0
                     if tl.max(present.to(tl.int32), axis=0) > 0:
-                        m_d = mask_n[:, None] & (present & (q_r < R))[None, :]
-                        da = tl.load(da_ptrs + (s0 + q_s).to(tl.int64)[None, :] * stride_ds, mask=m_d, other=0.0)
+                        if ONE_GROUP:
+                            da = da0
+                        else:
+                            m_d = mask_n[:, None] & (present & (q_r < R))[None, :]
+                            da = tl.load(da_ptrs + (s0 + q_s).to(tl.int64)[None, :] * stride_ds, mask=m_d,
+                                         other=0.0)
                         if CAST_FP32:
                             da = da.to(tl.float32)
                         zw = tl.where(sel, tl.dot(a_op, da, input_precision=DOT_PREC), 0.0)  # [BLOCK_M, SG*R]
