@@ -304,7 +304,7 @@ def fused_moe(
         *(gu_b.stride() if has_lora else (0, 0, 0, 0)), *(d_a.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=cfg["BLOCK_K_GU"], GROUP_M=cfg["GROUP_M"],
         HAS_LORA=has_lora, HAS_SHARED=has_shared, SPLIT=cfg["SPLIT"], BLOCK_R=br, SG=sg,
-        EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, ONE_GROUP=S <= sg,
+        EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, ONE_GROUP=sg >= S,
         **launch,
     )
     if k_step:
