@@ -36,6 +36,10 @@ class ForwardContext:
     # uint8 workspace every MoE layer's fused_moe may use in turn (layers run one after another); None =
     # the kernel allocates. A graph runner sizes it once with kernels.fused_moe.fused_moe_scratch_bytes.
     moe_scratch: torch.Tensor | None = None
+    # host: a token of this step uses a shared-outer MoE adapter. When none does, the MoE layers leave the
+    # pool's shared-outer slabs out of the call (their rows are zero for every other slot), which lets the
+    # fused MoE take its LoRA K step path at prefill sizes. Captured graphs keep them (any mix replays).
+    moe_shared: bool = True
 
 
 _CURRENT: ForwardContext | None = None

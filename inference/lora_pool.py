@@ -192,6 +192,7 @@ class LoraPool:
         # Rank of the adapter in each slot, on the device, updated in place (kernels skip empty slots).
         self.slot_rank = torch.zeros(self.S, dtype=torch.int32, device=self.device)
         self.slot_name: list[str | None] = [None] * self.S
+        self.slot_shared = [False] * self.S  # host: the slot's adapter has a shared-outer MoE module
         self.slot_of: dict[str, int] = {}
         self.refcount = [0] * self.S
         self.last_used = [0] * self.S
@@ -268,6 +269,7 @@ class LoraPool:
         if old is not None:
             del self.slot_of[old]
         self.slot_name[slot] = None
+        self.slot_shared[slot] = False
         self.slot_rank[slot] = 0
         for slab in {id(slab): slab for slab, _ in self._dense.values()}.values():  # qkv appears 3 times
             slab.zero(slot)
@@ -286,6 +288,7 @@ class LoraPool:
             _put_moe(self._moe[layer], slot, m, self.R)
         self.slot_name[slot] = name
         self.slot_of[name] = slot
+        self.slot_shared[slot] = any(m.shared_gate_up_A or m.shared_down_B for m in adapter.moe.values())
         self.slot_rank[slot] = adapter.rank
 
 

@@ -55,31 +55,41 @@ def test_triton_backend_matches_merged_oracles(stacked: str, tmp_path: Path, mon
 
 def test_triton_backend_lora_k_step_matches_merged_oracle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine with the MoE LoRA forced into the K step mode (config LORA_K, half-block shrink programs),
-    as the tuned prefill buckets run it: per-expert adapters of two ranks and base rows in one batch."""
+    as the tuned prefill buckets run it. A shared-outer adapter is registered too: steps without it leave
+    the shared-outer slabs out and take the K step; a step with it takes the epilogue path."""
     from lorax.kernels import fused_moe as fm
 
-    base_config = fm.moe_config
-    calls: list[bool] = []
+    base_config, base_k_step = fm.moe_config, fm._lora_k_step
+    k_steps: list[bool] = []
 
     def k_step_config(T: int, topk: int, E: int, H: int, I: int, device: torch.device,  # noqa: E741
                       lora: bool = False) -> dict[str, int]:
         cfg = base_config(T, topk, E, H, I, device, lora)
-        calls.append(lora)
         return {**cfg, "SPLIT": 1, "LORA_K": 1, "SHRINK_M": 16, "BLOCK_M": 32} if lora else cfg
 
+    def spy_k_step(lora, cfg):  # type: ignore[no-untyped-def]
+        mode = base_k_step(lora, cfg)
+        if lora is not None:
+            k_steps.append(bool(mode))
+        return mode
+
     monkeypatch.setattr(fm, "moe_config", k_step_config)
+    monkeypatch.setattr(fm, "_lora_k_step", spy_k_step)
     hf = build_hf("qwen3_moe")
     path = save(hf, tmp_path / "m")
-    ads = {"a": random_adapter(hf, "a", rank=4, seed=3), "b": random_adapter(hf, "b", rank=8, seed=4)}
+    ads = {"a": random_adapter(hf, "a", rank=4, seed=3), "b": random_adapter(hf, "b", rank=8, seed=4),
+           "so": random_adapter(hf, "so", rank=8, moe_format="shared-outer", seed=5)}
     llm = LLM(str(path), adapters=ads, device=DEVICE, dtype="float32", kernel_backend="triton",
               max_model_len=32, max_lora_rank=8, max_num_batched_tokens=8, enforce_eager=True)
-    names: list[str | None] = ["a", None, "b"]
-    reqs = [GenerateRequest(f"{a}-{i}", prompt_token_ids=p, adapter=a, sampling=SamplingParams(max_tokens=NEW, ignore_eos=True))
-            for a in names for i, p in enumerate(PROMPTS)]
-    for req, out in zip(reqs, llm.generate(reqs), strict=True):
-        oracle = hf if req.adapter is None else merged(hf, ads[req.adapter])
-        assert out.token_ids == hf_greedy(oracle, req.prompt_token_ids or [], NEW), req.request_id
+    for names, want_k in (([None, "a", "b"], True), (["so", "a"], False)):
+        k_steps.clear()
+        reqs = [GenerateRequest(f"{a}-{i}", prompt_token_ids=p, adapter=a,
+                                sampling=SamplingParams(max_tokens=NEW, ignore_eos=True))
+                for a in names for i, p in enumerate(PROMPTS)]
+        for req, out in zip(reqs, llm.generate(reqs), strict=True):
+            oracle = hf if req.adapter is None else merged(hf, ads[req.adapter])
+            assert out.token_ids == hf_greedy(oracle, req.prompt_token_ids or [], NEW), req.request_id
+        assert k_steps and (any(k_steps) if want_k else not all(k_steps)), (names, k_steps)
     ours = llm.prompt_logits(GenerateRequest("l", prompt_token_ids=PROMPTS[0], adapter="b"))
     ref = hf_logits(merged(hf, ads["b"]), PROMPTS[0])
     assert (ours - ref).abs().max().item() / ref.abs().max().item() < 1e-4
-    assert any(calls), "fused_moe never ran with adapters"
