@@ -78,7 +78,8 @@ class ModelRunner:
             if end == seq.num_tokens:  # the chunk reaches the last token: sample the next one
                 logits_rows.append(qsl[-1] - 1)
                 sampled.append(seq)
-        has_lora = self.pool is not None and self.pool.has_slabs and any(s >= 0 for s in token_slot)
+        seq_slots = {seq.slot for seq in batch.seqs}  # per sequence, not per token: host work O(B)
+        has_lora = self.pool is not None and self.pool.has_slabs and any(s >= 0 for s in seq_slots)
         width = max(len(s.block_table) for s in batch.seqs)
         tables = [s.block_table + [DUMMY_BLOCK] * (width - len(s.block_table)) for s in batch.seqs]
         token_slot_t = self._tensor(token_slot, torch.int32)
@@ -97,7 +98,7 @@ class ModelRunner:
         )
         if has_lora and self.pool is not None:
             ctx.slot_rank = self.pool.slot_rank
-            ctx.moe_shared = any(self.pool.slot_shared[s] for s in set(token_slot) if s >= 0)
+            ctx.moe_shared = any(self.pool.slot_shared[s] for s in seq_slots if s >= 0)
             if self.ops.name == "triton":  # the reference ignores it; the Triton kernels share it per step
                 from lorax.kernels.lora_sgemm import build_lora_batch
 
