@@ -191,6 +191,15 @@ def _shrink_rows(
 
 
 @triton.jit
+def _block_has_adapter_rows(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M: tl.constexpr):
+    """Whether expert block blk holds a pair whose token has an adapter: the test by which the GEMMs run
+    or skip their LoRA K step, so the shrinks that feed it decide on the whole block too."""
+    rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))
+    slot = tl.load(token_slot_ptr + rows // TOPK, mask=rows < N, other=-1)
+    return tl.max((slot >= 0).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def _moe_lora_shrink_kernel(
     # pointers
     x_ptr,  # [T, H]
@@ -231,9 +240,7 @@ def _moe_lora_shrink_kernel(
             token = rows // TOPK
             run = True
             if STACKED:  # only blocks with adapter rows (the whole block's): the GEMMs skip the others' K step
-                blk_rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))
-                blk_slot = tl.load(token_slot_ptr + blk_rows // TOPK, mask=blk_rows < N, other=-1)
-                run = tl.max((blk_slot >= 0).to(tl.int32), axis=0) > 0
+                run = _block_has_adapter_rows(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M)
             if run:
                 _shrink_rows(
                     x_ptr, gu_a_ptr + expert.to(tl.int64) * stride_ae, zgu_ptr, token_slot_ptr,
@@ -272,10 +279,8 @@ def _moe_lora_down_shrink_kernel(
     blk = pid // NSUB
     live = blk * BLOCK_M < tl.load(num_padded_ptr)
     expert = tl.load(block_expert_ptr + blk)
-    if live & (expert >= 0):
-        blk_rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))
-        blk_slot = tl.load(token_slot_ptr + blk_rows // TOPK, mask=blk_rows < N, other=-1)
-        if tl.max((blk_slot >= 0).to(tl.int32), axis=0) > 0:  # the down GEMM's test, on the whole block
+    if live & (expert >= 0):  # noqa: SIM102 - the inner test reads the block, valid only when live
+        if _block_has_adapter_rows(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M):  # the down GEMM's test
             rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + (pid % NSUB) * SUB_M + tl.arange(0, SUB_M))
             _shrink_rows(
                 act_ptr, d_a_ptr + expert.to(tl.int64) * stride_de, act_ptr + I, token_slot_ptr,
