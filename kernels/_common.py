@@ -81,3 +81,16 @@ def pdl_trigger(USE_PDL: tl.constexpr):
     """Let the next launch's programs be scheduled (no-op without PDL)."""
     if USE_PDL:
         tl_cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def here(x, ON: tl.constexpr):
+    """x unchanged, through a register move that the compiler keeps where it is written (off: x itself;
+    the interpreter runs no inline asm). A tile loaded before a loop and fed to a tl.dot after it is
+    copied to shared memory right at its load, which waits for the load there; passed through this
+    after the loop, the copy (and the wait) happen after the loop instead."""
+    if ON:
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False,
+                                         pack=32 // x.dtype.primitive_bitwidth)
+    else:
+        return x

@@ -17,7 +17,9 @@ Keyword-only, both implementations (the reference ignores the first and last):
                   heuristic by pairs per expert). Keys: BLOCK_M, BLOCK_N_GU, BLOCK_K_GU, BLOCK_N_D,
                   BLOCK_K_D, GROUP_M, num_warps, num_stages, SPLIT (LoRA shrink K-split), and optionally
                   STACK_ELEMS (LoRA epilogue slot stacking), LORA_K (1: the LoRA as K steps of the GEMMs,
-                  see kernels/moe_lora.py) and SHRINK_M (rows per LoRA shrink program, a divisor of BLOCK_M)
+                  see kernels/moe_lora.py), SHRINK_M (rows per LoRA shrink program, a divisor of BLOCK_M)
+                  and PREFETCH (1: the epilogue path's LoRA B / down_A tiles of every slot are issued before
+                  the GEMMs' main loops; for decode, where latency rules and the bytes are few)
 
 The Triton path is sync-free; its results are bitwise repeatable (the top-k sum has a fixed order).
 """
@@ -137,6 +139,9 @@ def moe_config(T: int, topk: int, E: int, H: int, I: int, device: torch.device,
 # keeps the stacked operands in registers beside the accumulators (no spills at BLOCK_M 16..64 on
 # sm_90). A tuned "lora" config may set its own STACK_ELEMS (moe_tune tries wider stacks).
 STACK_ELEMS = 1024
+# The down kernel's z_d partials ([BLOCK_M, NT_GU, BLOCK_R] fp32) are issued before its main loop and held
+# in registers across it when they fit this bound (64 registers a thread at 4 warps); else summed after it.
+HOIST_Z_ELEMS = 8192
 
 
 class _Buffers(NamedTuple):
@@ -248,7 +253,12 @@ def fused_moe(
     cfg = config or moe_config(T, topk, E, H, I, x.device, lora is not None)
     bm = cfg["BLOCK_M"]
     buf = _carve(_buffer_specs(T, topk, H, I, x.dtype, lora, cfg), scratch, x.device)
-    align = moe_align(ids, E, bm)
+    if lora is not None and (lora.token_slot.shape != (T,) or lora.token_slot.dtype != torch.int32):
+        raise ValueError(f"fused_moe: lora.token_slot must be [{T}] int32, got "
+                         f"{tuple(lora.token_slot.shape)} {lora.token_slot.dtype}")
+    # with LoRA the alignment also lays out each row's adapter slot beside its pair id (sorted_slot)
+    align = moe_align(ids, E, bm, row_slots=lora.token_slot.contiguous() if lora is not None else None)
+    row_slot = align.sorted_slot if align.sorted_slot is not None else align.sorted_ids
     N = T * topk
     max_blocks = align.block_expert.numel()
     cast = interpreting()
@@ -278,9 +288,6 @@ def fused_moe(
             if tuple(t.shape) != shape or t.dtype != x.dtype:
                 raise ValueError(f"fused_moe: lora.{name} is {tuple(t.shape)} {t.dtype}, expected {shape} {x.dtype}")
         has_shared = lora.shared_gate_up_A is not None or lora.shared_down_B is not None
-        if lora.token_slot.shape != (T,) or lora.token_slot.dtype != torch.int32:
-            raise ValueError(f"fused_moe: lora.token_slot must be [{T}] int32, got "
-                             f"{tuple(lora.token_slot.shape)} {lora.token_slot.dtype}")
         slot = lora.token_slot.contiguous()
         lora = lora._replace(token_slot=slot)
         gu_b, d_a, d_b = lora.gate_up_B, lora.down_A, lora.down_B
@@ -295,16 +302,18 @@ def fused_moe(
                         cast_fp32=cast, dot_prec=prec)
     nt_gu = triton.cdiv(I, cfg["BLOCK_N_GU"])
     sg = slot_group(S, bm, br, cfg.get("STACK_ELEMS", STACK_ELEMS))
-    nt_chunk = max(1, min(triton.next_power_of_2(nt_gu), 4096 // (bm * sg * br)))
+    nt_p2 = triton.next_power_of_2(nt_gu)
+    prefetch = bool(cfg.get("PREFETCH", 0)) and sg >= S
+    nt_chunk = max(1, min(nt_p2, 4096 // (bm * sg * br)))
     _gate_up_kernel[(max_blocks * nt_gu,)](
         x, w13, buf.act, align.sorted_ids, align.block_expert, align.num_padded,
-        slot, buf.zgu, buf.zsh, gu_b, d_a, buf.zdp,
+        row_slot, buf.zgu, buf.zsh, gu_b, d_a, buf.zdp,
         N, topk, H, I, S, R,
         x.stride(0), x.stride(1), *w13.stride(), buf.act.stride(0),
         *(gu_b.stride() if has_lora else (0, 0, 0, 0)), *(d_a.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=cfg["BLOCK_K_GU"], GROUP_M=cfg["GROUP_M"],
         HAS_LORA=has_lora, HAS_SHARED=has_shared, SPLIT=cfg["SPLIT"], BLOCK_R=br, SG=sg,
-        EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, ONE_GROUP=sg >= S,
+        EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, PREFETCH=prefetch,
         **launch,
     )
     if k_step:
@@ -314,13 +323,15 @@ def fused_moe(
                              dot_prec=prec)
     _down_kernel[(max_blocks * triton.cdiv(H, cfg["BLOCK_N_D"]),)](
         buf.act, w2, buf.ypair, weights, align.sorted_ids, align.block_expert, align.num_padded,
-        slot, buf.zdp, d_b, buf.zdw,
+        row_slot, buf.zdp, d_b, buf.zdw,
         N, topk, H, I, S, R,
         buf.act.stride(0), *w2.stride(), buf.ypair.stride(0),
         *(d_b.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_D"], BLOCK_K=cfg["BLOCK_K_D"], GROUP_M=cfg["GROUP_M"],
         HAS_LORA=has_lora, HAS_SHARED=has_shared, BLOCK_R=br, NT_GU=nt_gu, NT_CHUNK=nt_chunk, SG=sg,
-        EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, **launch,
+        EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, ONE_GROUP=sg >= S,
+        PREFETCH=prefetch,
+        HOIST_Z=nt_p2 if bm * nt_p2 * br <= HOIST_Z_ELEMS else 0, **launch,
     )
     block_t = 16
     block_h = min(256, triton.next_power_of_2(H))
@@ -329,6 +340,6 @@ def fused_moe(
         T, topk, E, H, S, R,
         buf.ypair.stride(0), y.stride(0), *(sh_b.stride() if has_shared else (0, 0, 0)),
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=br, HAS_SHARED=has_shared, CAST_FP32=cast, DOT_PREC=prec,
-        num_warps=4, USE_PDL=pdl, launch_pdl=pdl,
+        num_warps=4, USE_PDL=pdl, launch_pdl=pdl, K_P2=triton.next_power_of_2(topk),
     )
     return y

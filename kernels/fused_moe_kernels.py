@@ -15,13 +15,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lorax.kernels._common import pdl_trigger, pdl_wait
+from lorax.kernels._common import here, pdl_trigger, pdl_wait
 
 
 @triton.jit
-def _block_rows(pid, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, num_pid_n, N,
-                GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Grouped (pid_m, pid_n) order, this block's live flag, expert and pair rows."""
+def _block_rows(pid, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, row_slot_ptr, num_pid_n, N,
+                GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, SLOTS: tl.constexpr):
+    """Grouped (pid_m, pid_n) order, this block's live flag, expert, pair rows and (SLOTS) the rows' adapter
+    slots (-1 for padding), read beside the rows from the alignment's sorted_slot."""
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)  # device-side count of live blocks
     width = GROUP_M * num_pid_n
     first_m = (pid // width) * GROUP_M
@@ -32,9 +33,13 @@ def _block_rows(pid, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, num_pid_n
     live = pid_m < num_pid_m
     expert = tl.load(block_expert_ptr + pid_m, mask=live, other=-1)
     rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M), mask=live, other=N)
+    slot = rows  # (unused without SLOTS)
+    if SLOTS:
+        slot = tl.where(rows < N, tl.load(row_slot_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M), mask=live,
+                                          other=-1), -1)
     # the grid is sized from the host bound (max blocks), so the last live group also gets programs
     # whose pid_n runs past num_pid_n: they must not run (they would write other rows' partials)
-    return live & (expert >= 0) & (pid_n < num_pid_n), expert, rows, pid_n
+    return live & (expert >= 0) & (pid_n < num_pid_n), expert, rows, pid_n, slot
 
 
 @triton.jit
@@ -58,7 +63,7 @@ def _gate_up_kernel(
     w13_ptr,  # [E, 2I, H]
     act_ptr,  # [N, I] out: silu(gate) * up, rows indexed by pair
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-    token_slot_ptr,  # [T] int32 (LoRA)
+    row_slot_ptr,  # [max_padded] int32 (LoRA): the adapter slot of each aligned row (moe_align's sorted_slot)
     zgu_ptr,  # [N, SPLIT, 2, BLOCK_R] fp32 shrink partials (LoRA)
     zsh_ptr,  # [T, SPLIT, 2, BLOCK_R] fp32 shared-outer shrink partials (HAS_SHARED)
     gu_b_ptr,  # [S, E, 2I, R] (LoRA)
@@ -77,7 +82,7 @@ def _gate_up_kernel(
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,  # with LoRA the previous launch is the shrink: only the epilogue waits for it
     LORA_K: tl.constexpr = False,  # LoRA K step mode: zgu is the stacked z [N, 2, S, BLOCK_R] (x.dtype)
-    ONE_GROUP: tl.constexpr = False,  # S <= SG: the epilogues' slot loops take one group
+    PREFETCH: tl.constexpr = False,  # S <= SG: every slot's B and down_A tiles are issued before the main loop
 ):
     if HAS_LORA:
         # the shrink writes only zgu/zsh, read after pdl_wait below: the main loop overlaps it
@@ -87,8 +92,8 @@ def _gate_up_kernel(
         pdl_trigger(USE_PDL)
     # each program owns BLOCK_N gate columns and the matching BLOCK_N up columns of one block of pairs
     num_pid_n = tl.cdiv(I, BLOCK_N)
-    ok, expert, rows, pid_n = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr,
-                                          num_padded_ptr, num_pid_n, N, GROUP_M, BLOCK_M)
+    ok, expert, rows, pid_n, slot = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+                                                row_slot_ptr, num_pid_n, N, GROUP_M, BLOCK_M, HAS_LORA)
     if ok:
         mask_m = rows < N
         token = (rows // TOPK).to(tl.int64)
@@ -99,6 +104,22 @@ def _gate_up_kernel(
         wg_ptrs = (w13_ptr + expert.to(tl.int64) * stride_we
                    + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wh)  # [BLOCK_K, BLOCK_N]
         wu_ptrs = wg_ptrs + I * stride_wn
+        if HAS_LORA and not LORA_K:
+            # PREFETCH (one slot group): the B and down_A tiles of the slots present in the block are issued
+            # before the main loop (the slots came with the rows; nothing here depends on the shrink), so the
+            # epilogue waits only for the shrink's z, in L2, instead of a chain of loads from a saturated HBM
+            offs_q = tl.arange(0, SG * BLOCK_R)
+            q_s = offs_q // BLOCK_R  # slot (within the group) of stacked column q
+            q_r = offs_q % BLOCK_R  # rank index of stacked column q
+            if PREFETCH:
+                m_q0 = (tl.max((slot[:, None] == q_s[None, :]).to(tl.int32), axis=0) > 0) & (q_r < R)  # present
+                bs0 = (gu_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+                       + q_s.to(tl.int64)[:, None] * stride_bs + q_r[:, None] * stride_br)  # [SG*BLOCK_R, BLOCK_N]
+                bg0 = tl.load(bs0, mask=m_q0[:, None] & mask_n[None, :], other=0.0)
+                bu0 = tl.load(bs0 + I * stride_bn, mask=m_q0[:, None] & mask_n[None, :], other=0.0)
+                da0 = tl.load(d_a_ptr + expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di
+                              + q_s.to(tl.int64)[None, :] * stride_ds + q_r[None, :] * stride_dr,
+                              mask=mask_n[:, None] & m_q0[None, :], other=0.0)
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
@@ -123,7 +144,6 @@ def _gate_up_kernel(
         if HAS_LORA and LORA_K:
             # LoRA K step: h += [z_gate | z_up](stacked by slot) [B_gate | B_up](stacked by slot), S*BLOCK_R
             # more K columns read like the main loop's (zeros outside each row's slot: no masks by slot)
-            slot = tl.load(token_slot_ptr + token, mask=mask_m, other=-1)
             if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it
                 pdl_wait(USE_PDL)
                 KW = S * BLOCK_R
@@ -150,19 +170,8 @@ def _gate_up_kernel(
             # SG at a time along the dot's K axis (column g*BLOCK_R + r holds z[:, r] of the rows whose
             # slot is s0 + g, zero elsewhere): one dot and one masked tile load per group, no per-slot
             # branches, so the B loads of all present slots are in flight together.
-            slot = tl.load(token_slot_ptr + token, mask=mask_m, other=-1)
             has = slot >= 0
             any_lora = tl.max(has.to(tl.int32), axis=0) > 0  # blocks without adapter rows skip it all
-            offs_q = tl.arange(0, SG * BLOCK_R)
-            q_s = offs_q // BLOCK_R  # slot (within the group) of stacked column q
-            q_r = offs_q % BLOCK_R  # rank index of stacked column q
-            if ONE_GROUP:
-                # every slot in one group: the down shrink's down_A tile is issued now, beside the expand's
-                # loads and before the wait for the shrink, instead of one round trip after the activation
-                present0 = tl.max((slot[:, None] == q_s[None, :]).to(tl.int32), axis=0) > 0
-                da0 = tl.load(d_a_ptr + expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di
-                              + q_s.to(tl.int64)[None, :] * stride_ds + q_r[None, :] * stride_dr,
-                              mask=mask_n[:, None] & (present0 & (q_r < R) & any_lora)[None, :], other=0.0)
             if any_lora:
                 pdl_wait(USE_PDL)
                 z_row = zgu_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R)  # [BLOCK_M, 1]
@@ -181,8 +190,6 @@ def _gate_up_kernel(
                         if HAS_SHARED:
                             zg_own += tl.load(zsr_ptrs + sp * 2 * BLOCK_R, mask=has[:, None], other=0.0)
                             zu_own += tl.load(zsr_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=has[:, None], other=0.0)
-                b_ptrs = (gu_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
-                          + q_r[:, None] * stride_br)  # [SG*BLOCK_R, BLOCK_N]
                 for s0 in range(0, S, SG):
                     sel = slot[:, None] == (s0 + q_s)[None, :]  # [BLOCK_M, SG*BLOCK_R]
                     present = tl.max(sel.to(tl.int32), axis=0) > 0  # [SG*BLOCK_R]
@@ -196,10 +203,15 @@ def _gate_up_kernel(
                             if HAS_SHARED:
                                 zg += tl.load(zs_row + q_r[None, :], mask=sel, other=0.0)
                                 zu += tl.load(zs_row + BLOCK_R + q_r[None, :], mask=sel, other=0.0)
-                        m_b = (present & (q_r < R))[:, None] & mask_n[None, :]
-                        bs_ptrs = b_ptrs + (s0 + q_s).to(tl.int64)[:, None] * stride_bs
-                        bg = tl.load(bs_ptrs, mask=m_b, other=0.0)
-                        bu = tl.load(bs_ptrs + I * stride_bn, mask=m_b, other=0.0)
+                        if PREFETCH:
+                            bg = here(bg0, not CAST_FP32)  # (the copy to shared memory here, not at the load)
+                            bu = here(bu0, not CAST_FP32)
+                        else:
+                            m_b = (present & (q_r < R))[:, None] & mask_n[None, :]
+                            bs_ptrs = (gu_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+                                       + (s0 + q_s).to(tl.int64)[:, None] * stride_bs + q_r[:, None] * stride_br)
+                            bg = tl.load(bs_ptrs, mask=m_b, other=0.0)
+                            bu = tl.load(bs_ptrs + I * stride_bn, mask=m_b, other=0.0)
                         if CAST_FP32:
                             bg = bg.to(tl.float32)
                             bu = bu.to(tl.float32)
@@ -222,8 +234,8 @@ def _gate_up_kernel(
                     sel = slot[:, None] == (s0 + q_s)[None, :]
                     present = tl.max(sel.to(tl.int32), axis=0) > 0
                     if tl.max(present.to(tl.int32), axis=0) > 0:
-                        if ONE_GROUP:
-                            da = da0
+                        if PREFETCH:
+                            da = here(da0, not CAST_FP32)
                         else:
                             m_d = mask_n[:, None] & (present & (q_r < R))[None, :]
                             da = tl.load(da_ptrs + (s0 + q_s).to(tl.int64)[None, :] * stride_ds, mask=m_d,
@@ -268,7 +280,7 @@ def _down_kernel(
     ypair_ptr,  # [N, H] out: w * (W2 a + down_B z_d) per pair, summed over k later
     topk_w_ptr,  # [N] routing weights
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-    token_slot_ptr,  # [T] (LoRA)
+    row_slot_ptr,  # [max_padded] int32 (LoRA): the adapter slot of each aligned row
     zdp_ptr,  # [N, NT_GU, BLOCK_R] fp32 down-shrink partials (LoRA)
     d_b_ptr,  # [S, E, H, R] (LoRA)
     zdw_ptr,  # [N, BLOCK_R] fp32 out: w * z_d, for the shared-outer expand (HAS_SHARED)
@@ -286,18 +298,42 @@ def _down_kernel(
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
     LORA_K: tl.constexpr = False,  # LoRA K step mode: act's columns [I, I + S*BLOCK_R) hold z_d stacked
+    ONE_GROUP: tl.constexpr = False,  # S <= SG: the epilogue's slot loop takes one group
+    PREFETCH: tl.constexpr = False,  # ONE_GROUP: every slot's down_B tile is issued before the main loop
+    HOIST_Z: tl.constexpr = 0,  # ONE_GROUP: NT_GU rounded up to a power of two when the z_d partials are
+    # issued before the main loop (held in registers across it), else 0
 ):
+    # the alignment (and the token slots) were written two or more launches back: read before the wait
+    num_pid_n = tl.cdiv(H, BLOCK_N)
+    ok, expert, rows, pid_n, slot = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+                                                row_slot_ptr, num_pid_n, N, GROUP_M, BLOCK_M, HAS_LORA)
+    mask_m = rows < N
+    rows64 = rows.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < H
+    if HAS_LORA and not LORA_K and ONE_GROUP:
+        # with PREFETCH, the down_B tiles of the slots present in the block are issued while the gate_up
+        # kernel still runs (they do not come from it)
+        has = slot >= 0
+        offs_q = tl.arange(0, SG * BLOCK_R)
+        q_s = offs_q // BLOCK_R
+        q_r = offs_q % BLOCK_R
+        db_ptrs = (d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+                   + q_s.to(tl.int64)[:, None] * stride_bs + q_r[:, None] * stride_br)  # [SG*BLOCK_R, BLOCK_N]
+        if PREFETCH:
+            present0 = tl.max((slot[:, None] == q_s[None, :]).to(tl.int32), axis=0) > 0
+            db0 = tl.load(db_ptrs, mask=(present0 & (q_r < R))[:, None] & (mask_n & ok)[None, :], other=0.0)
     pdl_wait(USE_PDL)
     pdl_trigger(USE_PDL)
-    num_pid_n = tl.cdiv(H, BLOCK_N)
-    ok, expert, rows, pid_n = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr,
-                                          num_padded_ptr, num_pid_n, N, GROUP_M, BLOCK_M)
     if ok:
-        mask_m = rows < N
-        rows64 = rows.to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < H
         offs_k = tl.arange(0, BLOCK_K)
+        if HAS_LORA and not LORA_K and ONE_GROUP and HOIST_Z > 0:
+            # the rows' own z_d partials (narrow: [BLOCK_M, NT_GU, BLOCK_R]), in flight during the main loop
+            offs_t = tl.arange(0, HOIST_Z)
+            offs_r = tl.arange(0, BLOCK_R)
+            z_parts = tl.load(zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R) + offs_t[None, :, None] * BLOCK_R
+                              + offs_r[None, None, :], mask=has[:, None, None] & (offs_t < NT_GU)[None, :, None],
+                              other=0.0)
         a_ptrs = act_ptr + rows64[:, None] * stride_am + offs_k[None, :]
         w_ptrs = (w2_ptr + expert.to(tl.int64) * stride_we
                   + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk)  # [BLOCK_K, BLOCK_N]
@@ -319,7 +355,6 @@ def _down_kernel(
         w = tl.load(topk_w_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
         if HAS_LORA and LORA_K:
             # LoRA K step: y += z_d(stacked by slot) down_B(stacked by slot), S*BLOCK_R more K columns
-            slot = tl.load(token_slot_ptr + rows // TOPK, mask=mask_m, other=-1)
             if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:
                 KW = S * BLOCK_R
                 z_rows = act_ptr + rows64[:, None] * stride_am + I
@@ -333,8 +368,32 @@ def _down_kernel(
                         zt = zt.to(tl.float32)
                         db = db.to(tl.float32)
                     acc = tl.dot(zt, db, acc, input_precision=DOT_PREC)
+        elif HAS_LORA and ONE_GROUP:
+            if tl.max(has.to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it all
+                # z_d: each row's own partials summed (narrow), then stacked by slot in registers; one dot
+                offs_r = tl.arange(0, BLOCK_R)
+                if HOIST_Z > 0:
+                    zd = tl.sum(z_parts, axis=1)
+                else:
+                    offs_t = tl.arange(0, NT_CHUNK)
+                    zd = _sum_partials(zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R)
+                                       + offs_t[None, :, None] * BLOCK_R + offs_r[None, None, :],
+                                       has[:, None, None], offs_t, BLOCK_M, BLOCK_R, BLOCK_R, NT_GU, NT_CHUNK)
+                sel = slot[:, None] == q_s[None, :]
+                zs = tl.where(sel, _stack(zd, BLOCK_M, SG, BLOCK_R), 0.0)
+                if PREFETCH:
+                    db = here(db0, not CAST_FP32)  # (its copy to shared memory here, not at the load)
+                else:
+                    present = tl.max(sel.to(tl.int32), axis=0) > 0
+                    db = tl.load(db_ptrs, mask=(present & (q_r < R))[:, None] & mask_n[None, :], other=0.0)
+                if CAST_FP32:
+                    db = db.to(tl.float32)
+                acc = tl.dot(zs.to(db.dtype), db, acc, input_precision=DOT_PREC)
+                if HAS_SHARED:  # noqa: SIM102 - a constexpr test, then a runtime one
+                    if pid_n == 0:  # w * z_d per pair for the shared-outer expand in the top-k sum
+                        tl.store(zdw_ptr + rows64[:, None] * BLOCK_R + offs_r[None, :], zd * w[:, None],
+                                 mask=has[:, None])
         elif HAS_LORA:
-            slot = tl.load(token_slot_ptr + rows // TOPK, mask=mask_m, other=-1)
             has = slot >= 0
             if tl.max(has.to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it all
                 # z_d = sum of the gate_up kernel's per-I-tile partials, read (NT_CHUNK tiles per vector

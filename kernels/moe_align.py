@@ -9,6 +9,8 @@ Contract (shared by the Triton kernel and `moe_align_ref`):
              block_expert [max_blocks] int32  expert of each BLOCK_M block; -1 for blocks past the
                                                device-side count (consumers exit on -1)
              num_padded   [1] int32           device-side number of valid entries of sorted_ids
+             sorted_slot  [max_padded] int32  (with `row_slots` [T]) row_slots[t] of each entry's pair
+                                               (t = n // k); unspecified at pad entries. None otherwise
 
 Sentinel pairs are never placed in sorted_ids: they land in a bucket that no block points at, so every
 consumer skips them at no cost. Output sizes come from host bounds only (`max_padded_size`), so no
@@ -31,6 +33,7 @@ class MoEAlignment(NamedTuple):
     sorted_ids: torch.Tensor  # [max_padded] int32, pad marker = num_pairs
     block_expert: torch.Tensor  # [max_padded // block_m] int32, -1 = no block
     num_padded: torch.Tensor  # [1] int32 (device)
+    sorted_slot: torch.Tensor | None = None  # [max_padded] int32: the adapter slot of each entry's token
 
 
 def max_padded_size(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -40,8 +43,9 @@ def max_padded_size(num_pairs: int, num_experts: int, block_m: int) -> int:
     return max(block_m, -(-size // block_m) * block_m)
 
 
-def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlignment:
-    """Torch reference of the alignment (stable order inside each expert)."""
+def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                  row_slots: torch.Tensor | None = None) -> MoEAlignment:
+    """Torch reference of the alignment (stable order inside each expert; pad entries of sorted_slot -1)."""
     assert topk_ids.dim() == 2, "topk_ids must be [T, k]"
     device = topk_ids.device
     flat = topk_ids.reshape(-1).to(torch.int64)
@@ -71,7 +75,12 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoE
     owner = torch.searchsorted(block_starts + nblocks, b, right=True)
     in_range = b < total // block_m
     block_expert = torch.where(in_range, owner.clamp(max=num_experts - 1).to(torch.int32), block_expert)
-    return MoEAlignment(sorted_ids, block_expert, total.reshape(1).to(torch.int32))
+    sorted_slot = None
+    if row_slots is not None:
+        real = sorted_ids < num_pairs
+        tok = torch.where(real, sorted_ids, 0).long() // max(topk_ids.shape[1], 1)
+        sorted_slot = torch.where(real, row_slots.to(torch.int32)[tok] if num_pairs else sorted_ids, -1)
+    return MoEAlignment(sorted_ids, block_expert, total.reshape(1).to(torch.int32), sorted_slot)
 
 
 def virtual_expert_ids_ref(topk_ids: torch.Tensor, token_slot: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -120,6 +129,7 @@ def moe_align(
     *,
     token_slot: torch.Tensor | None = None,
     base_experts: int | None = None,
+    row_slots: torch.Tensor | None = None,
     out: MoEAlignment | None = None,
     path: str | None = None,
 ) -> MoEAlignment:
@@ -128,8 +138,10 @@ def moe_align(
     "small" (one launch, registers only, <= SMALL_MAX_PAIRS pairs: decode).
 
     With `token_slot` [T] and `base_experts` E, the virtual ids slot * E + e are formed inside the first
-    pass (num_experts must then be slots * E). `out` may hold preallocated buffers of the right sizes
-    (for CUDA graphs); they are fully overwritten.
+    pass (num_experts must then be slots * E). With `row_slots` [T] int32 (the MoE LoRA's token slots), the
+    scatter also writes each entry's slot into sorted_slot, so that the GEMMs read a block's slots beside
+    its pair ids instead of one dependent load later. `out` may hold preallocated buffers of the right
+    sizes (for CUDA graphs); they are fully overwritten (sorted_slot at pair entries).
     """
     if topk_ids.dim() != 2 or topk_ids.dtype != torch.int32:
         raise ValueError(f"moe_align: topk_ids must be [T, k] int32, got {tuple(topk_ids.shape)} {topk_ids.dtype}")
@@ -140,21 +152,28 @@ def moe_align(
         assert token_slot is not None
         if base_experts is None or token_slot.shape != (topk_ids.shape[0],) or token_slot.dtype != torch.int32:
             raise ValueError("moe_align: token_slot must be [T] int32 and base_experts given")
+    if row_slots is not None and (row_slots.shape != (topk_ids.shape[0],) or row_slots.dtype != torch.int32):
+        raise ValueError("moe_align: row_slots must be [T] int32")
     ids = topk_ids.contiguous()
     device = ids.device
     num_pairs = ids.numel()
     topk = ids.shape[1]
     max_padded = max_padded_size(num_pairs, num_experts, block_m)
     max_blocks = max_padded // block_m
+    slot_out = row_slots is not None
     if out is None:
         out = MoEAlignment(
             torch.empty(max_padded, dtype=torch.int32, device=device),
             torch.empty(max_blocks, dtype=torch.int32, device=device),
             torch.empty(1, dtype=torch.int32, device=device),
+            torch.empty(max_padded, dtype=torch.int32, device=device) if slot_out else None,
         )
-    elif out.sorted_ids.numel() != max_padded or out.block_expert.numel() != max_blocks:
+    elif out.sorted_ids.numel() != max_padded or out.block_expert.numel() != max_blocks or (
+            slot_out and (out.sorted_slot is None or out.sorted_slot.numel() != max_padded)):
         raise ValueError(f"moe_align: out buffers must be sized {max_padded} / {max_blocks}")
     slot_arg = token_slot if has_slot else ids
+    rows_src = row_slots.contiguous() if row_slots is not None else ids
+    rows_dst = out.sorted_slot if out.sorted_slot is not None and slot_out else out.sorted_ids
     if path is None:
         path = ("small" if num_pairs <= SMALL_MAX_PAIRS and num_experts <= SMALL_MAX_EXPERTS else
                 "one_program" if num_pairs <= ONE_PROGRAM_MAX_PAIRS and num_experts <= ONE_PROGRAM_MAX_EXPERTS else
@@ -166,9 +185,9 @@ def moe_align(
     if path == "small":
         block_n = max(16, triton.next_power_of_2(num_pairs))
         _moe_align_small_kernel[(1,)](
-            ids, slot_arg, out.sorted_ids, out.block_expert, out.num_padded,
+            ids, slot_arg, out.sorted_ids, out.block_expert, out.num_padded, rows_src, rows_dst,
             num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks,
-            HAS_SLOT=has_slot, BLOCK_N=block_n, BLOCK_E=triton.next_power_of_2(num_experts + 1), BLOCK_B=1024,
+            HAS_SLOT=has_slot, SLOT_OUT=slot_out, BLOCK_N=block_n, BLOCK_E=triton.next_power_of_2(num_experts + 1), BLOCK_B=1024,
             MAX_RUN_BLOCKS=triton.cdiv(block_n, block_m), num_warps=8 if block_n > 64 else 4, USE_PDL=use_pdl(device),
         )
         return out
@@ -176,9 +195,9 @@ def moe_align(
         work = torch.empty(2 * num_experts + max(num_pairs, 1), dtype=torch.int32, device=device)
         counts, starts, rank = work[:num_experts], work[num_experts : 2 * num_experts], work[2 * num_experts :]
         _moe_align_one_program_kernel[(1,)](
-            ids, slot_arg, counts, starts, rank, out.sorted_ids, out.block_expert, out.num_padded,
-            num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks,
-            HAS_SLOT=has_slot, BLOCK_N=256, BLOCK_E=1024, BLOCK_B=1024, num_warps=8, USE_PDL=use_pdl(device),
+            ids, slot_arg, counts, starts, rank, out.sorted_ids, out.block_expert, out.num_padded, rows_src,
+            rows_dst, num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks,
+            HAS_SLOT=has_slot, SLOT_OUT=slot_out, BLOCK_N=256, BLOCK_E=1024, BLOCK_B=1024, num_warps=8, USE_PDL=use_pdl(device),
         )
         return out
     counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
@@ -195,8 +214,9 @@ def moe_align(
     block_b = 16
     _moe_scatter_kernel[(pair_programs + triton.cdiv(max_blocks, block_b),)](
         ids, slot_arg, counts, starts, block_ends, out.num_padded, rank, out.sorted_ids, out.block_expert,
+        rows_src, rows_dst,
         num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks, pair_programs,
-        HAS_SLOT=has_slot, BLOCK_N=block_n, BLOCK_B=block_b, BLOCK_BM=triton.next_power_of_2(block_m),
+        HAS_SLOT=has_slot, SLOT_OUT=slot_out, BLOCK_N=block_n, BLOCK_B=block_b, BLOCK_BM=triton.next_power_of_2(block_m),
         LOG_E=max(1, num_experts.bit_length()),
     )
     return out

@@ -84,10 +84,11 @@ def _moe_scatter_kernel(
     counts_ptr, starts_ptr, block_ends_ptr, num_padded_ptr, rank_ptr,
     sorted_ids_ptr,  # [max_padded] int32 out
     block_expert_ptr,  # [max_blocks] int32 out
+    row_slots_ptr, sorted_slot_ptr,  # [T] in, [max_padded] out (SLOT_OUT)
     # sizes
     N, TOPK, base_experts, num_experts, block_m, max_blocks, pair_programs,
     # meta
-    HAS_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_BM: tl.constexpr,
+    HAS_SLOT: tl.constexpr, SLOT_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_BM: tl.constexpr,
     LOG_E: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -100,6 +101,7 @@ def _moe_scatter_kernel(
         rank = tl.load(rank_ptr + offs_n, mask=valid, other=0)
         start = tl.load(starts_ptr + key, mask=valid, other=0)
         tl.store(sorted_ids_ptr + start + rank, offs_n, mask=valid)
+        _store_slots(row_slots_ptr, sorted_slot_ptr, start + rank, offs_n, valid, TOPK, SLOT_OUT)
     else:
         # role 2: BLOCK_B blocks: owner expert by binary search over block_ends, pads past each count
         offs_b = (pid - pair_programs) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -126,6 +128,14 @@ def _moe_scatter_kernel(
 
 
 @triton.jit
+def _store_slots(row_slots_ptr, sorted_slot_ptr, dest, offs_n, valid, TOPK, SLOT_OUT: tl.constexpr):
+    """sorted_slot[dest] = row_slots[n // TOPK] for the valid pairs n (with SLOT_OUT)."""
+    if SLOT_OUT:
+        slot = tl.load(row_slots_ptr + offs_n // TOPK, mask=valid, other=-1)
+        tl.store(sorted_slot_ptr + dest, slot, mask=valid)
+
+
+@triton.jit
 def _fill_past(block_expert_ptr, sorted_ids_ptr, total, N, block_m, max_blocks, BLOCK_B: tl.constexpr,
                PAD_FROM_ZERO: tl.constexpr = False):
     """block_expert = -1 for the blocks past the padded count `total`; sorted_ids = the pad marker N past
@@ -147,9 +157,10 @@ def _moe_align_one_program_kernel(
     topk_ids_ptr, token_slot_ptr,
     counts_ptr, starts_ptr, rank_ptr,  # [E], [E], [N] int32 work
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,  # outputs
+    row_slots_ptr, sorted_slot_ptr,  # [T] in, [max_padded] out (SLOT_OUT)
     N, TOPK, base_experts, num_experts, block_m, max_blocks,
-    HAS_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    HAS_SLOT: tl.constexpr, SLOT_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """Small inputs: the three passes in one program, phases separated by CTA barriers.
 
@@ -201,15 +212,17 @@ def _moe_align_one_program_kernel(
         rank = tl.load(rank_ptr + offs_n, mask=valid, other=0, volatile=True)
         run_start = tl.load(starts_ptr + key, mask=valid, other=0, volatile=True)
         tl.store(sorted_ids_ptr + run_start + rank, offs_n, mask=valid)
+        _store_slots(row_slots_ptr, sorted_slot_ptr, run_start + rank, offs_n, valid, TOPK, SLOT_OUT)
 
 
 @triton.jit
 def _moe_align_small_kernel(
     topk_ids_ptr, token_slot_ptr,
     sorted_ids_ptr, block_expert_ptr, num_padded_ptr,  # outputs
+    row_slots_ptr, sorted_slot_ptr,  # [T] in, [max_padded] out (SLOT_OUT)
     N, TOPK, base_experts, num_experts, block_m, max_blocks,
-    HAS_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr,
-    MAX_RUN_BLOCKS: tl.constexpr,  # cdiv(BLOCK_N, block_m): the most blocks one expert can own
+    HAS_SLOT: tl.constexpr, SLOT_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_B: tl.constexpr, MAX_RUN_BLOCKS: tl.constexpr,  # cdiv(BLOCK_N, block_m): the most blocks one expert can own
     USE_PDL: tl.constexpr,
 ):
     """Tiny inputs (decode: N <= BLOCK_N pairs, num_experts < BLOCK_E): one program, registers only.
@@ -241,6 +254,7 @@ def _moe_align_small_kernel(
     tl.store(num_padded_ptr, total)
     tl.debug_barrier()
     tl.store(sorted_ids_ptr + dest, offs_n, mask=valid)
+    _store_slots(row_slots_ptr, sorted_slot_ptr, dest, offs_n, valid, TOPK, SLOT_OUT)
 
 
 @triton.jit

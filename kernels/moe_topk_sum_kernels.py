@@ -25,20 +25,25 @@ def _topk_sum_kernel(
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
+    K_P2: tl.constexpr = 8,  # TOPK rounded up to a power of two
 ):
-    pdl_wait(USE_PDL)
     # deterministic top-k reduction (fixed j order, fp32), plus the shared-outer down expand once per token
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_t = offs_t < T
     mask_h = offs_h < H
     offs_t64 = offs_t.to(tl.int64)
+    # the layer's inputs (ids, slots) are read while the down GEMM still runs; ypair after the wait
+    offs_j = tl.arange(0, K_P2)
+    ids = tl.load(topk_ids_ptr + offs_t64[:, None] * TOPK + offs_j[None, :],
+                  mask=mask_t[:, None] & (offs_j < TOPK)[None, :], other=-1)
+    slot = tl.load(token_slot_ptr + offs_t, mask=mask_t, other=-1)  # (without LoRA: any int32 [>= T])
+    pdl_wait(USE_PDL)
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     offs_r = tl.arange(0, BLOCK_R)
     u = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
-    slot = tl.load(token_slot_ptr + offs_t, mask=mask_t, other=-1)  # (without LoRA: any int32 [>= T])
     for j in range(0, TOPK):
-        e = tl.load(topk_ids_ptr + offs_t64 * TOPK + j, mask=mask_t, other=-1)
+        e = tl.sum(tl.where(offs_j[None, :] == j, ids, 0), axis=1)  # column j of the ids tile
         valid = (e >= 0) & (e < E)
         row = offs_t64 * TOPK + j
         acc += tl.load(ypair_ptr + row[:, None] * stride_ym + offs_h[None, :],

@@ -5,8 +5,9 @@
 
 For each layer shape and token count it times every candidate config (CUDA graph, rotated routings so
 the expert weights come from HBM), keeps the fastest correct one, then times the same layer with 4
-adapters of rank 16 (every token on an adapter) over the LoRA K-split choices, the tiles, the LoRA K step
-mode (LORA_K, SHRINK_M; see kernels/fused_moe.py) and the epilogue stacking. Writes DIR/fused_moe.json
+adapters of rank 16 (every token on an adapter) over the LoRA K-split choices, the tiles, the decode
+epilogue's tile prefetch (PREFETCH), the LoRA K step mode (LORA_K, SHRINK_M; see kernels/fused_moe.py) and
+the epilogue stacking. Writes DIR/fused_moe.json
 (the data file kernels/configs/fused_moe.json holds) and DIR/moe_tune_report.json (ms, GB/s, fraction
 of the HBM roofline, LoRA / base ratio).
 
@@ -138,7 +139,7 @@ def tune_shape(name: str, tokens: list[int], log: Callable[[str], None]) -> tupl
         lora_best: tuple[float, dict[str, int]] | None = None
         splits = (1, 2, 4, 8) if T <= 32 else (1, 2) if T <= 128 else (1,)
         S, br = lora.gate_up_A.shape[0], lora_block_r(lora.gate_up_A.shape[2] // 2)
-        for phase in ("split", "tile", "kstep", "stack"):
+        for phase in ("split", "tile", "prefetch", "kstep", "stack"):
             if phase == "split":
                 tries = [{**cfg, "SPLIT": s} for s in splits]
             elif lora_best is None:
@@ -146,6 +147,10 @@ def tune_shape(name: str, tokens: list[int], log: Callable[[str], None]) -> tupl
             elif phase == "tile":
                 tries = [{**c, "SPLIT": lora_best[1]["SPLIT"]} for c in candidates(T, k, E)]
                 tries = [c for c in tries if c != lora_best[1]]
+            elif phase == "prefetch":  # decode: the epilogue's LoRA tiles issued before the main loops
+                if T * k > 4 * E:
+                    continue
+                tries = [{**lora_best[1], "SPLIT": s, "PREFETCH": 1} for s in splits]
             elif phase == "kstep":  # the LoRA as K steps of the GEMMs (SPLIT 1), whole or part blocks per shrink
                 if T * k <= 4 * E:
                     continue  # decode: a few pairs per expert, the K-split epilogue path
@@ -269,7 +274,8 @@ def compile_check() -> int:
     try:
         large_k = {**large, "LORA_K": 1, "SHRINK_M": 32}  # the LoRA K step mode, half-block shrink programs
         # small, one-program and three-pass alignment
-        for T, cfg in ((8, small), (64, small), (2048, large), (2048, large_k)):
+        small_p = {**small, "PREFETCH": 1}  # the decode epilogue's LoRA tiles issued before the main loops
+        for T, cfg in ((8, small), (8, small_p), (64, small), (2048, large), (2048, large_k)):
             for lora in ("", "lora", "shared"):
                 drive(T, 2048, 768, 128, 8, torch.bfloat16, lora, cfg)
         drive(1, 4096, 14336, 8, 2, torch.bfloat16, "lora", None)  # Mixtral: wide I, partials summed in a loop

@@ -30,8 +30,10 @@ def _canonical(al, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def _check(topk_ids: torch.Tensor, num_experts: int, block_m: int, path: str | None = None) -> None:
-    ref = moe_align_ref(topk_ids, num_experts, block_m)
-    got = moe_align(topk_ids, num_experts, block_m, path=path)
+    T, k = topk_ids.shape
+    row_slots = torch.randint(-1, 5, (T,), dtype=torch.int32, device=topk_ids.device)
+    ref = moe_align_ref(topk_ids, num_experts, block_m, row_slots=row_slots)
+    got = moe_align(topk_ids, num_experts, block_m, path=path, row_slots=row_slots)
     n = topk_ids.numel()
     size = max_padded_size(n, num_experts, block_m)
     assert got.sorted_ids.shape == (size,) and got.block_expert.shape == (size // block_m,)
@@ -46,6 +48,14 @@ def _check(topk_ids: torch.Tensor, num_experts: int, block_m: int, path: str | N
     valid = ((flat >= 0) & (flat < num_experts)).nonzero().reshape(-1)
     placed = got.sorted_ids[:total].long().cpu()
     assert torch.equal(torch.sort(placed[placed < n]).values, valid)
+    # sorted_slot: each pair entry holds its token's slot (pad entries are unspecified in the Triton path)
+    assert got.sorted_slot is not None and ref.sorted_slot is not None and got.sorted_slot.shape == (size,)
+    slots = row_slots.cpu()
+    for al in (got, ref):
+        ids = al.sorted_ids.long().cpu()
+        real = ids < n
+        assert torch.equal(al.sorted_slot.cpu()[real], slots[ids[real] // k])
+    assert bool((ref.sorted_slot.cpu()[ref.sorted_ids.cpu() >= n] == -1).all())
 
 
 # (T, k, num_experts, block_m, id range low, id range high)

@@ -82,14 +82,17 @@ def test_moe_lora_matches_ref(device: str, dtype: torch.dtype, name: str, T: int
     assert_close(fused_moe(x, w13, w2, w, ids, lora), ref, dtype)
 
 
+@pytest.mark.parametrize("prefetch", [0, 1])
 @pytest.mark.parametrize("split,block_n", [(1, 16), (3, 16), (2, 32)])
-def test_k_split_and_tile_partials(device: str, split: int, block_n: int) -> None:
-    """The shrink's K-split partials and the down-shrink per-I-tile partials sum to the same delta."""
+def test_k_split_and_tile_partials(device: str, split: int, block_n: int, prefetch: int) -> None:
+    """The shrink's K-split partials and the down-shrink per-I-tile partials sum to the same delta, with the
+    LoRA tiles loaded in the epilogues or (PREFETCH) every slot's tiles before the main loops."""
     T, H, I, E, k = 10, 48, 40, 3, 2
     x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.float32, device)
-    lora = make_lora(T, H, I, E, [4, 8], _slots("mixed", T, 2), torch.float32, device, (1,))
+    # 3 slots stacked as 4 (the fourth column block past S is masked), one of them empty
+    lora = make_lora(T, H, I, E, [4, None, 8], _slots("mixed", T, 3), torch.float32, device, (2,))
     cfg = dict(BLOCK_M=16, BLOCK_N_GU=block_n, BLOCK_K_GU=16, BLOCK_N_D=16, BLOCK_K_D=16, GROUP_M=2,
-               SPLIT=split, num_warps=4, num_stages=1)
+               SPLIT=split, num_warps=4, num_stages=1, PREFETCH=prefetch)
     assert_close(fused_moe(x, w13, w2, w, ids, lora, config=cfg), ref_fp32(x, w13, w2, w, ids, lora),
                  torch.float32)
 
@@ -108,14 +111,16 @@ def test_slot_stacking_widths(device: str, block_m: int, stack_elems: int) -> No
                  torch.float32)
 
 
-def test_wide_intermediate_partials_loop(device: str) -> None:
-    """I / BLOCK_N_GU = 33 down-shrink partials per pair: the down kernel sums them in a loop (not unrolled)."""
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_wide_intermediate_partials_loop(device: str, block_m: int) -> None:
+    """I / BLOCK_N_GU = 33 down-shrink partials per pair. BLOCK_M 64: one slot per group and 4 partials per
+    load, so the down kernel sums them in a loop (past the unrolled 8 loads); BLOCK_M 16: both slots in one
+    group, too many partials to hold across the main loop, so each row's own are summed after it."""
     T, H, I, E, k = 4, 32, 528, 2, 1
     x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.float32, device)
     lora = make_lora(T, H, I, E, [4, 8], torch.tensor([0, 1, -1, 1], dtype=torch.int32), torch.float32, device, (0,))
-    # BLOCK_M 64 -> one slot per group and 4 partials per load: 33 partials exceed the unrolled 8 loads
-    cfg = dict(BLOCK_M=64, BLOCK_N_GU=16, BLOCK_K_GU=16, BLOCK_N_D=16, BLOCK_K_D=64, GROUP_M=1, SPLIT=1,
-               num_warps=4, num_stages=1)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N_GU=16, BLOCK_K_GU=16, BLOCK_N_D=16, BLOCK_K_D=64, GROUP_M=1, SPLIT=1,
+               num_warps=4, num_stages=1, PREFETCH=1)
     assert_close(fused_moe(x, w13, w2, w, ids, lora, config=cfg), ref_fp32(x, w13, w2, w, ids, lora),
                  torch.float32)
 
