@@ -18,8 +18,8 @@ Keyword-only, both implementations (the reference ignores the first and last):
                   BLOCK_K_D, GROUP_M, num_warps, num_stages, SPLIT (LoRA shrink K-split), and optionally
                   STACK_ELEMS (LoRA epilogue slot stacking), LORA_K (1: the LoRA as K steps of the GEMMs,
                   see kernels/moe_lora.py), SHRINK_M (rows per LoRA shrink program, a divisor of BLOCK_M)
-                  and PREFETCH (1: the epilogue path's LoRA B / down_A tiles of every slot are issued before
-                  the GEMMs' main loops; for decode, where latency rules and the bytes are few)
+                  and PREFETCH (1: the epilogue path's LoRA B / down_A / down_B tiles of the slots present in a
+                  block are issued before the GEMMs' main loops; decode)
 
 The Triton path is sync-free; its results are bitwise repeatable (the top-k sum has a fixed order).
 """
@@ -337,9 +337,9 @@ def fused_moe(
     block_h = min(256, triton.next_power_of_2(H))
     _topk_sum_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
         buf.ypair, ids, y, slot, buf.zdw, sh_b,
-        T, topk, E, H, S, R,
+        T, E, H, S, R,
         buf.ypair.stride(0), y.stride(0), *(sh_b.stride() if has_shared else (0, 0, 0)),
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=br, HAS_SHARED=has_shared, CAST_FP32=cast, DOT_PREC=prec,
-        num_warps=4, USE_PDL=pdl, launch_pdl=pdl, K_P2=triton.next_power_of_2(topk),
+        num_warps=4, USE_PDL=pdl, launch_pdl=pdl, TOPK=topk, K_P2=triton.next_power_of_2(topk),
     )
     return y

@@ -19,13 +19,14 @@ def _topk_sum_kernel(
     y_ptr,  # [T, H] out
     token_slot_ptr, zdw_ptr, sh_b_ptr,  # HAS_SHARED: [T], [T*k, BLOCK_R] fp32, [S, H, R]
     # sizes
-    T, TOPK, E, H, S, R,
+    T, E, H, S, R,
     stride_ym, stride_om, stride_ss, stride_sh, stride_sr,
     # meta
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
-    K_P2: tl.constexpr = 8,  # TOPK rounded up to a power of two
+    TOPK: tl.constexpr,
+    K_P2: tl.constexpr,  # TOPK rounded up to a power of two
 ):
     # deterministic top-k reduction (fixed j order, fp32), plus the shared-outer down expand once per token
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -42,7 +43,7 @@ def _topk_sum_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     offs_r = tl.arange(0, BLOCK_R)
     u = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
-    for j in range(0, TOPK):
+    for j in tl.static_range(TOPK):  # unrolled: the k row loads are independent, all in flight together
         e = tl.sum(tl.where(offs_j[None, :] == j, ids, 0), axis=1)  # column j of the ids tile
         valid = (e >= 0) & (e < E)
         row = offs_t64 * TOPK + j

@@ -86,7 +86,7 @@ def test_moe_lora_matches_ref(device: str, dtype: torch.dtype, name: str, T: int
 @pytest.mark.parametrize("split,block_n", [(1, 16), (3, 16), (2, 32)])
 def test_k_split_and_tile_partials(device: str, split: int, block_n: int, prefetch: int) -> None:
     """The shrink's K-split partials and the down-shrink per-I-tile partials sum to the same delta, with the
-    LoRA tiles loaded in the epilogues or (PREFETCH) every slot's tiles before the main loops."""
+    LoRA tiles loaded in the epilogues or (PREFETCH) before the main loops."""
     T, H, I, E, k = 10, 48, 40, 3, 2
     x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.float32, device)
     # 3 slots stacked as 4 (the fourth column block past S is masked), one of them empty
@@ -143,7 +143,7 @@ def test_no_adapter_tokens_cost_nothing_and_change_nothing(device: str) -> None:
 # partial), 2 slots half a step.
 K_CASES = [
     ("rank 1 and max rank, empty slot, sentinels", 21, 3, 2, [16, 8, None, 16, 1], "mixed", -1, 4, 16, 64, None),
-    ("all tokens on one adapter", 17, 4, 2, [4, 8], "one", 0, 4, 32, 32, 16),
+    ("all tokens on one adapter", 17, 2, 2, [4, 8], "one", 0, 2, 32, 32, 16),
     ("mixed ranks, sub-block shrink programs", 23, 2, 3, [16, 2, 8], "mixed", 0, 2, 64, 16, 16),
     ("empty experts, one K step per 16 columns", 9, 6, 2, [1], "mixed", 0, 3, 16, 16, None),
 ]
