@@ -97,8 +97,9 @@ def virtual_expert_ids_ref(topk_ids: torch.Tensor, token_slot: torch.Tensor, num
 
 # ----------------------------------------------------------------------------------------------------
 # Triton implementation (kernels in moe_align_kernels.py): count (atomics give each pair its rank) ->
-# prefix sum -> scatter + block fill. Three launches plus one memset of the [E] counter; no host sync, no
-# sort, no cap on num_experts. Smaller inputs take one launch: the same passes in one program
+# prefix sum -> scatter + block fill. Three launches plus one memset of the [E] counter (two launches below
+# FUSED_PREFIX_MAX_EXPERTS experts: the scatter takes the prefix sum itself); no host sync, no sort, no cap
+# on num_experts. Smaller inputs take one launch: the same passes in one program
 # (<= 1024 pairs), or, at decode sizes, everything in registers (<= 128 pairs, < 1024 experts).
 # ----------------------------------------------------------------------------------------------------
 
@@ -120,6 +121,8 @@ ONE_PROGRAM_MAX_EXPERTS = 4096
 # registers-only path (decode steps of up to 16 tokens at top-8): pairs and experts (+ the sentinel bucket)
 SMALL_MAX_PAIRS = 128
 SMALL_MAX_EXPERTS = 1023
+# three-pass path: below this many experts the scatter takes the counts' prefix sum itself, in registers
+FUSED_PREFIX_MAX_EXPERTS = 1024
 
 
 def moe_align(
@@ -205,19 +208,24 @@ def moe_align(
     starts, block_ends, rank = work[:num_experts], work[num_experts : 2 * num_experts], work[2 * num_experts :]
     block_n = 256
     pair_programs = triton.cdiv(num_pairs, block_n)
+    # up to FUSED_PREFIX_MAX_EXPERTS experts the scatter takes the prefix sum itself (one launch less)
+    fused = triton.next_power_of_2(num_experts + 1) if num_experts < FUSED_PREFIX_MAX_EXPERTS else 0
+    pdl = use_pdl(device)
     if pair_programs:
         _moe_count_kernel[(pair_programs,)](
             ids, slot_arg, counts, rank, num_pairs, topk, base_experts or num_experts, num_experts,
-            HAS_SLOT=has_slot, BLOCK_N=block_n,
+            HAS_SLOT=has_slot, BLOCK_N=block_n, USE_PDL=pdl,
         )
-    _moe_prefix_kernel[(1,)](counts, starts, block_ends, out.num_padded, num_experts, block_m, BLOCK_E=1024)
+    if not fused:
+        _moe_prefix_kernel[(1,)](counts, starts, block_ends, out.num_padded, num_experts, block_m, BLOCK_E=1024)
     block_b = 16
     _moe_scatter_kernel[(pair_programs + triton.cdiv(max_blocks, block_b),)](
         ids, slot_arg, counts, starts, block_ends, out.num_padded, rank, out.sorted_ids, out.block_expert,
         rows_src, rows_dst,
         num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks, pair_programs,
         HAS_SLOT=has_slot, SLOT_OUT=slot_out, BLOCK_N=block_n, BLOCK_B=block_b, BLOCK_BM=triton.next_power_of_2(block_m),
-        LOG_E=max(1, num_experts.bit_length()),
+        LOG_E=max(1, num_experts.bit_length()), FUSED_PREFIX=fused, USE_PDL=pdl and bool(pair_programs),
+        launch_pdl=pdl and bool(pair_programs),
     )
     return out
 

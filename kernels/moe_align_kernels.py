@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lorax.kernels._common import pdl_trigger
+from lorax.kernels._common import pdl_trigger, pdl_wait
 
 
 @triton.jit
@@ -42,8 +42,9 @@ def _moe_count_kernel(
     # sizes
     N, TOPK, base_experts, num_experts,
     # meta
-    HAS_SLOT: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_trigger(USE_PDL)  # the scatter may be scheduled: it waits for this launch before reading counts
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     key, valid = _pair_key(topk_ids_ptr, token_slot_ptr, offs_n, mask_n, TOPK, base_experts, num_experts,
@@ -90,8 +91,21 @@ def _moe_scatter_kernel(
     # meta
     HAS_SLOT: tl.constexpr, SLOT_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_BM: tl.constexpr,
     LOG_E: tl.constexpr,
+    FUSED_PREFIX: tl.constexpr = 0,  # > num_experts (a power of two): every program takes the prefix sum of
+    # the counts itself, in registers (no prefix launch; starts / block_ends / num_padded are not read)
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)  # the counts
+    pdl_trigger(USE_PDL)
     pid = tl.program_id(0)
+    if FUSED_PREFIX > 0:
+        offs_e = tl.arange(0, FUSED_PREFIX)
+        cnt_e = tl.load(counts_ptr + offs_e, mask=offs_e < num_experts, other=0)
+        padded_e = (cnt_e + block_m - 1) // block_m * block_m
+        starts_e = tl.cumsum(padded_e, axis=0) - padded_e
+        ends_e = tl.cumsum(padded_e // block_m, axis=0)  # inclusive prefix of blocks per expert
+        if pid == 0:
+            tl.store(num_padded_ptr, tl.sum(padded_e, axis=0))
     if pid < pair_programs:
         # role 1: put each valid pair at start[expert] + rank
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,27 +113,39 @@ def _moe_scatter_kernel(
         key, valid = _pair_key(topk_ids_ptr, token_slot_ptr, offs_n, mask_n, TOPK, base_experts,
                                num_experts, HAS_SLOT)
         rank = tl.load(rank_ptr + offs_n, mask=valid, other=0)
-        start = tl.load(starts_ptr + key, mask=valid, other=0)
+        if FUSED_PREFIX > 0:
+            start = tl.gather(starts_e, key, 0)  # key < FUSED_PREFIX (the sentinel bucket is num_experts)
+        else:
+            start = tl.load(starts_ptr + key, mask=valid, other=0)
         tl.store(sorted_ids_ptr + start + rank, offs_n, mask=valid)
         _store_slots(row_slots_ptr, sorted_slot_ptr, start + rank, offs_n, valid, TOPK, SLOT_OUT)
     else:
         # role 2: BLOCK_B blocks: owner expert by binary search over block_ends, pads past each count
         offs_b = (pid - pair_programs) * BLOCK_B + tl.arange(0, BLOCK_B)
         mask_b = offs_b < max_blocks
-        total_blocks = tl.load(num_padded_ptr) // block_m
-        lo = tl.zeros([BLOCK_B], dtype=tl.int32)
-        hi = tl.zeros([BLOCK_B], dtype=tl.int32) + num_experts
-        for _ in range(LOG_E):  # smallest e with block_ends[e] > b
-            mid = (lo + hi) // 2
-            go_right = tl.load(block_ends_ptr + mid, mask=lo < hi, other=0) <= offs_b
-            lo = tl.where((lo < hi) & go_right, mid + 1, lo)
-            hi = tl.where((lo < hi) & ~go_right, mid, hi)
+        if FUSED_PREFIX > 0:
+            total_blocks = tl.sum(padded_e, axis=0) // block_m
+            # owner of block b: the number of experts whose runs end at or before b
+            lo = tl.sum((ends_e[None, :] <= offs_b[:, None]).to(tl.int32), axis=1)
+        else:
+            total_blocks = tl.load(num_padded_ptr) // block_m
+            lo = tl.zeros([BLOCK_B], dtype=tl.int32)
+            hi = tl.zeros([BLOCK_B], dtype=tl.int32) + num_experts
+            for _ in range(LOG_E):  # smallest e with block_ends[e] > b
+                mid = (lo + hi) // 2
+                go_right = tl.load(block_ends_ptr + mid, mask=lo < hi, other=0) <= offs_b
+                lo = tl.where((lo < hi) & go_right, mid + 1, lo)
+                hi = tl.where((lo < hi) & ~go_right, mid, hi)
         live = mask_b & (offs_b < total_blocks)
         owner = tl.where(live, lo, -1)
         tl.store(block_expert_ptr + offs_b, owner, mask=mask_b)
         # (names differ from role 1's: Triton merges names bound in both branches of a runtime if)
-        run_start = tl.load(starts_ptr + owner, mask=live, other=0)
-        run_count = tl.load(counts_ptr + owner, mask=live, other=0)
+        if FUSED_PREFIX > 0:
+            run_start = tl.gather(starts_e, tl.where(live, owner, 0), 0)
+            run_count = tl.gather(cnt_e, tl.where(live, owner, 0), 0)
+        else:
+            run_start = tl.load(starts_ptr + owner, mask=live, other=0)
+            run_count = tl.load(counts_ptr + owner, mask=live, other=0)
         offs_m = tl.arange(0, BLOCK_BM)
         pos = offs_b[:, None] * block_m + offs_m[None, :]  # [BLOCK_B, BLOCK_BM]
         in_block = mask_b[:, None] & (offs_m[None, :] < block_m)
