@@ -33,8 +33,9 @@ import torch.nn.functional as F
 import triton
 
 from lorax.kernels._common import tuned_buckets, use_pdl
-from lorax.kernels.fused_moe_kernels import _down_kernel, _gate_up_kernel
+from lorax.kernels.fused_moe_kernels import _gate_up_kernel
 from lorax.kernels.moe_align import interpreting, moe_align, virtual_expert_ids_ref
+from lorax.kernels.moe_down_kernels import _down_kernel
 from lorax.kernels.moe_lora import (
     MoELoraArgs,
     lora_block_r,
@@ -94,8 +95,9 @@ def fused_moe_ref(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Triton path. Launches: moe_align (1 on decode, else 3 + a memset), [LoRA shrink], gate_up GEMM, down
-# GEMM, top-k sum (kernels in fused_moe_kernels.py). No host sync anywhere: CUDA-graph safe.
+# Triton path. Launches: moe_align (1 up to 1024 pairs, else 2-3 + a memset), [LoRA shrink], gate_up GEMM,
+# [LoRA down shrink], down GEMM, top-k sum (kernels in fused_moe_kernels.py, moe_down_kernels.py,
+# moe_topk_sum_kernels.py). No host sync anywhere: CUDA-graph safe.
 # ----------------------------------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------------------------------

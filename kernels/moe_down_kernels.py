@@ -1,0 +1,196 @@
+"""The fused MoE's down GEMM (launcher, configs and contract: kernels/fused_moe.py).
+
+    _down_kernel   ypair = w * (act W2^T + down_B z_d), z_d summed from the gate_up kernel's partials, or
+                   (LORA_K) K steps over the stacked z_d in act's extra columns
+Blocks past the device-side num_padded, and padding rows (pair id == N), do nothing.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from lorax.kernels._common import here, pdl_trigger, pdl_wait
+from lorax.kernels.fused_moe_kernels import _block_rows, _stack, _stacked_b
+
+
+@triton.jit
+def _sum_partials(ptrs, row_mask, offs_t, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, STRIDE_T: tl.constexpr,
+                  NT: tl.constexpr, NT_CHUNK: tl.constexpr):
+    """sum over t < NT of ptrs[:, t, :] ([BLOCK_M, NT_CHUNK, WIDTH] pointers at t = 0..NT_CHUNK-1).
+
+    Few chunks: unrolled, so the loads are independent and in flight together (a runtime loop would
+    pay one memory latency per chunk); many chunks (wide I, e.g. Mixtral): a loop, to bound code size
+    and registers.
+    """
+    acc = tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32)
+    if NT <= 8 * NT_CHUNK:
+        for t0 in tl.static_range(0, NT, NT_CHUNK):
+            m = row_mask & ((t0 + offs_t) < NT)[None, :, None]
+            acc += tl.sum(tl.load(ptrs + t0 * STRIDE_T, mask=m, other=0.0), axis=1)
+    else:
+        for t0 in range(0, NT, NT_CHUNK):
+            m = row_mask & ((t0 + offs_t) < NT)[None, :, None]
+            acc += tl.sum(tl.load(ptrs + t0 * STRIDE_T, mask=m, other=0.0), axis=1)
+    return acc
+
+
+@triton.jit
+def _down_kernel(
+    # pointers
+    act_ptr,  # [N, I]
+    w2_ptr,  # [E, H, I]
+    ypair_ptr,  # [N, H] out: w * (W2 a + down_B z_d) per pair, summed over k later
+    topk_w_ptr,  # [N] routing weights
+    sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+    row_slot_ptr,  # [max_padded] int32 (LoRA): the adapter slot of each aligned row
+    zdp_ptr,  # [N, NT_GU, BLOCK_R] fp32 down-shrink partials (LoRA)
+    d_b_ptr,  # [S, E, H, R] (LoRA)
+    zdw_ptr,  # [N, BLOCK_R] fp32 out: w * z_d, for the shared-outer expand (HAS_SHARED)
+    # sizes
+    N, TOPK, H, I, S, R,
+    # strides
+    stride_am, stride_we, stride_wn, stride_wk, stride_ym,
+    stride_bs, stride_be, stride_bn, stride_br,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_R: tl.constexpr,
+    NT_GU: tl.constexpr,  # I tiles of the gate_up kernel = down-shrink partials per pair
+    NT_CHUNK: tl.constexpr,  # partials per vector load (the loop over chunks is unrolled)
+    SG: tl.constexpr,
+    EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    LORA_K: tl.constexpr = False,  # LoRA K step mode: act's columns [I, I + S*BLOCK_R) hold z_d stacked
+    ONE_GROUP: tl.constexpr = False,  # S <= SG: the epilogue's slot loop takes one group
+    PREFETCH: tl.constexpr = False,  # ONE_GROUP: the present slots' down_B tiles issued before the main loop
+    HOIST_Z: tl.constexpr = 0,  # ONE_GROUP: NT_GU rounded up to a power of two when the z_d partials are
+    # issued before the main loop (held in registers across it), else 0
+):
+    # the alignment (and the token slots) were written two or more launches back: read before the wait
+    num_pid_n = tl.cdiv(H, BLOCK_N)
+    ok, expert, rows, pid_n, slot = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+                                                row_slot_ptr, num_pid_n, N, GROUP_M, BLOCK_M, HAS_LORA)
+    mask_m = rows < N
+    rows64 = rows.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < H
+    if HAS_LORA and not LORA_K and ONE_GROUP:
+        # with PREFETCH, the down_B tiles of the slots present in the block are issued while the gate_up
+        # kernel still runs (they do not come from it)
+        has = slot >= 0
+        offs_q = tl.arange(0, SG * BLOCK_R)
+        q_s = offs_q // BLOCK_R
+        q_r = offs_q % BLOCK_R
+        db_ptrs = (d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+                   + q_s.to(tl.int64)[:, None] * stride_bs + q_r[:, None] * stride_br)  # [SG*BLOCK_R, BLOCK_N]
+        if PREFETCH:
+            present0 = tl.max((slot[:, None] == q_s[None, :]).to(tl.int32), axis=0) > 0
+            db0 = tl.load(db_ptrs, mask=(present0 & (q_r < R))[:, None] & (mask_n & ok)[None, :], other=0.0)
+    pdl_wait(USE_PDL)
+    pdl_trigger(USE_PDL)
+    if ok:
+        offs_k = tl.arange(0, BLOCK_K)
+        if HAS_LORA and not LORA_K and ONE_GROUP and HOIST_Z > 0:
+            # the rows' own z_d partials (narrow: [BLOCK_M, NT_GU, BLOCK_R]), in flight during the main loop
+            offs_t = tl.arange(0, HOIST_Z)
+            offs_r = tl.arange(0, BLOCK_R)
+            z_parts = tl.load(zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R) + offs_t[None, :, None] * BLOCK_R
+                              + offs_r[None, None, :], mask=has[:, None, None] & (offs_t < NT_GU)[None, :, None],
+                              other=0.0)
+        a_ptrs = act_ptr + rows64[:, None] * stride_am + offs_k[None, :]
+        w_ptrs = (w2_ptr + expert.to(tl.int64) * stride_we
+                  + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk)  # [BLOCK_K, BLOCK_N]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            if EVEN_K:
+                at = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                wt = tl.load(w_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                mask_k = offs_k < I - k0
+                at = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            if CAST_FP32:
+                at = at.to(tl.float32)
+                wt = wt.to(tl.float32)
+            acc = tl.dot(at, wt, acc, input_precision=DOT_PREC)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        w = tl.load(topk_w_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
+        if HAS_LORA and LORA_K:
+            # LoRA K step: y += z_d(stacked by slot) down_B(stacked by slot), S*BLOCK_R more K columns
+            if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:
+                KW = S * BLOCK_R
+                z_rows = act_ptr + rows64[:, None] * stride_am + I
+                b_cols = d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+                for j0 in range(0, KW, BLOCK_K):
+                    j = j0 + offs_k
+                    zt = tl.load(z_rows + j[None, :], mask=mask_m[:, None] & (j < KW)[None, :], other=0.0)
+                    db_ptrs, m_db = _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R)
+                    db = tl.load(db_ptrs, mask=m_db, other=0.0)
+                    if CAST_FP32:
+                        zt = zt.to(tl.float32)
+                        db = db.to(tl.float32)
+                    acc = tl.dot(zt, db, acc, input_precision=DOT_PREC)
+        elif HAS_LORA and ONE_GROUP:
+            if tl.max(has.to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it all
+                # z_d: each row's own partials summed (narrow), then stacked by slot in registers; one dot
+                offs_r = tl.arange(0, BLOCK_R)
+                if HOIST_Z > 0:
+                    zd = tl.sum(z_parts, axis=1)
+                else:
+                    offs_t = tl.arange(0, NT_CHUNK)
+                    zd = _sum_partials(zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R)
+                                       + offs_t[None, :, None] * BLOCK_R + offs_r[None, None, :],
+                                       has[:, None, None], offs_t, BLOCK_M, BLOCK_R, BLOCK_R, NT_GU, NT_CHUNK)
+                sel = slot[:, None] == q_s[None, :]
+                zs = tl.where(sel, _stack(zd, BLOCK_M, SG, BLOCK_R), 0.0)
+                if PREFETCH:
+                    db = here(db0, not CAST_FP32)  # (its copy to shared memory here, not at the load)
+                else:
+                    present = tl.max(sel.to(tl.int32), axis=0) > 0
+                    db = tl.load(db_ptrs, mask=(present & (q_r < R))[:, None] & mask_n[None, :], other=0.0)
+                if CAST_FP32:
+                    db = db.to(tl.float32)
+                acc = tl.dot(zs.to(db.dtype), db, acc, input_precision=DOT_PREC)
+                if HAS_SHARED:  # noqa: SIM102 - a constexpr test, then a runtime one
+                    if pid_n == 0:  # w * z_d per pair for the shared-outer expand in the top-k sum
+                        tl.store(zdw_ptr + rows64[:, None] * BLOCK_R + offs_r[None, :], zd * w[:, None],
+                                 mask=has[:, None])
+        elif HAS_LORA:
+            has = slot >= 0
+            if tl.max(has.to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it all
+                # z_d = sum of the gate_up kernel's per-I-tile partials, read (NT_CHUNK tiles per vector
+                # load) straight into the slot-stacked layout, then one stacked dot with down_B per group
+                offs_q = tl.arange(0, SG * BLOCK_R)
+                q_s = offs_q // BLOCK_R
+                q_r = offs_q % BLOCK_R
+                offs_t = tl.arange(0, NT_CHUNK)
+                zp_ptrs = (zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R) + offs_t[None, :, None] * BLOCK_R
+                           + q_r[None, None, :])  # [BLOCK_M, NT_CHUNK, SG*BLOCK_R]
+                db_ptrs = (d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+                           + q_r[:, None] * stride_br)  # [SG*BLOCK_R, BLOCK_N]
+                for s0 in range(0, S, SG):
+                    sel = slot[:, None] == (s0 + q_s)[None, :]
+                    present = tl.max(sel.to(tl.int32), axis=0) > 0
+                    if tl.max(present.to(tl.int32), axis=0) > 0:
+                        db = tl.load(db_ptrs + (s0 + q_s).to(tl.int64)[:, None] * stride_bs,
+                                     mask=(present & (q_r < R))[:, None] & mask_n[None, :], other=0.0)
+                        zw = _sum_partials(zp_ptrs, sel[:, None, :], offs_t, BLOCK_M, SG * BLOCK_R, BLOCK_R,
+                                           NT_GU, NT_CHUNK)
+                        if CAST_FP32:
+                            db = db.to(tl.float32)
+                        acc = tl.dot(zw.to(db.dtype), db, acc, input_precision=DOT_PREC)
+                if HAS_SHARED:  # noqa: SIM102 - a constexpr test, then a runtime one
+                    if pid_n == 0:
+                        # w * z_d per pair for the shared-outer expand in the top-k sum (narrow layout);
+                        # rows of pairs without an adapter are not written: the top-k sum masks them
+                        offs_r = tl.arange(0, BLOCK_R)
+                        zn_ptrs = (zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R)
+                                   + offs_t[None, :, None] * BLOCK_R + offs_r[None, None, :])
+                        zd = _sum_partials(zn_ptrs, has[:, None, None], offs_t, BLOCK_M, BLOCK_R, BLOCK_R,
+                                           NT_GU, NT_CHUNK)
+                        tl.store(zdw_ptr + rows64[:, None] * BLOCK_R + offs_r[None, :], zd * w[:, None],
+                                 mask=has[:, None])
+        acc = acc * w[:, None]
+        tl.store(ypair_ptr + rows64[:, None] * stride_ym + offs_n[None, :], acc.to(ypair_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
