@@ -280,6 +280,7 @@ def compile_check() -> int:
                 drive(T, 2048, 768, 128, 8, torch.bfloat16, lora, cfg)
         drive(1, 4096, 14336, 8, 2, torch.bfloat16, "lora", None)  # Mixtral: wide I, partials summed in a loop
         drive(5, 96, 40, 6, 2, torch.float16, "shared", None)  # odd sizes, default config
+        drive(200, 96, 40, 1024, 8, torch.bfloat16, "", None)  # 1024 experts: the prefix sum's own launch
         drive(5, 96, 40, 6, 2, torch.float32, "shared", None)  # fp32 on a GPU (exact dots)
     finally:
         jit.JITFunction.run = original  # type: ignore[method-assign]
