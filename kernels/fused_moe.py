@@ -258,8 +258,9 @@ def fused_moe(
     if lora is not None and (lora.token_slot.shape != (T,) or lora.token_slot.dtype != torch.int32):
         raise ValueError(f"fused_moe: lora.token_slot must be [{T}] int32, got "
                          f"{tuple(lora.token_slot.shape)} {lora.token_slot.dtype}")
+    slot = lora.token_slot.contiguous() if lora is not None else ids  # (without LoRA: a pointer never read)
     # with LoRA the alignment also lays out each row's adapter slot beside its pair id (sorted_slot)
-    align = moe_align(ids, E, bm, row_slots=lora.token_slot.contiguous() if lora is not None else None)
+    align = moe_align(ids, E, bm, row_slots=slot if lora is not None else None)
     row_slot = align.sorted_slot if align.sorted_slot is not None else align.sorted_ids
     N = T * topk
     max_blocks = align.block_expert.numel()
@@ -279,7 +280,6 @@ def fused_moe(
     has_shared = False
     dummy = x  # pointer for arguments a launch never reads
     gu_b = d_a = d_b = sh_b = dummy
-    slot = ids
     if lora is not None:
         S, _, two_r, _ = lora.gate_up_A.shape
         R = two_r // 2
@@ -290,7 +290,6 @@ def fused_moe(
             if tuple(t.shape) != shape or t.dtype != x.dtype:
                 raise ValueError(f"fused_moe: lora.{name} is {tuple(t.shape)} {t.dtype}, expected {shape} {x.dtype}")
         has_shared = lora.shared_gate_up_A is not None or lora.shared_down_B is not None
-        slot = lora.token_slot.contiguous()
         lora = lora._replace(token_slot=slot)
         gu_b, d_a, d_b = lora.gate_up_B, lora.down_A, lora.down_B
         if has_shared:
