@@ -217,8 +217,9 @@ def _gate_up_kernel(
                         acc_g = tl.dot(zg.to(bg.dtype), bg, acc_g, input_precision=DOT_PREC)
                         acc_u = tl.dot(zu.to(bu.dtype), bu, acc_u, input_precision=DOT_PREC)
         act = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(act_ptr.dtype.element_ty)
+        # act is read again by the down GEMM while expert weights stream through L2: keep it there
         tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :], act,
-                 mask=mask_m[:, None] & mask_n[None, :])
+                 mask=mask_m[:, None] & mask_n[None, :], eviction_policy="evict_last")
         if HAS_LORA and not LORA_K:  # noqa: SIM102 - a constexpr test, then a runtime one
             if any_lora:
                 # down shrink, partial over this I tile: zdp[n, pid_n] = down_A[s, e][:, tile] a[n, tile],

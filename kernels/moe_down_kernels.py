@@ -192,5 +192,6 @@ def _down_kernel(
                         tl.store(zdw_ptr + rows64[:, None] * BLOCK_R + offs_r[None, :], zd * w[:, None],
                                  mask=has[:, None])
         acc = acc * w[:, None]
+        # the top-k sum reads these rows right after this kernel (and marks them evict_first as it reads them)
         tl.store(ypair_ptr + rows64[:, None] * stride_ym + offs_n[None, :], acc.to(ypair_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+                 mask=mask_m[:, None] & mask_n[None, :], eviction_policy="evict_last")

@@ -48,7 +48,7 @@ def _topk_sum_kernel(
         valid = (e >= 0) & (e < E)
         row = offs_t64 * TOPK + j
         acc += tl.load(ypair_ptr + row[:, None] * stride_ym + offs_h[None, :],
-                       mask=valid[:, None] & mask_h[None, :], other=0.0).to(tl.float32)
+                       mask=valid[:, None] & mask_h[None, :], other=0.0, eviction_policy="evict_first").to(tl.float32)
         if HAS_SHARED:
             u += tl.load(zdw_ptr + row[:, None] * BLOCK_R + offs_r[None, :], mask=(valid & (slot >= 0))[:, None],
                          other=0.0)
