@@ -34,7 +34,7 @@ import triton
 
 from lorax.kernels._common import tuned_buckets, use_pdl
 from lorax.kernels.fused_moe_kernels import _gate_up_kernel
-from lorax.kernels.moe_align import interpreting, moe_align, virtual_expert_ids_ref
+from lorax.kernels.moe_align import interpreting, max_padded_size, moe_align, virtual_expert_ids_ref
 from lorax.kernels.moe_down_kernels import _down_kernel
 from lorax.kernels.moe_lora import (
     MoELoraArgs,
@@ -260,7 +260,10 @@ def fused_moe(
                          f"{tuple(lora.token_slot.shape)} {lora.token_slot.dtype}")
     slot = lora.token_slot.contiguous() if lora is not None else ids  # (without LoRA: a pointer never read)
     # with LoRA the alignment also lays out each row's adapter slot beside its pair id (sorted_slot)
-    align = moe_align(ids, E, bm, row_slots=slot if lora is not None else None)
+    k_step = _lora_k_step(lora, cfg)
+    # (K step mode: per-block counters of the gate_up tiles stored, zeroed with the alignment's counts)
+    align = moe_align(ids, E, bm, row_slots=slot if lora is not None else None,
+                      zeros=max_padded_size(T * topk, E, bm) // bm if k_step else 0)
     row_slot = align.sorted_slot if align.sorted_slot is not None else align.sorted_ids
     N = T * topk
     max_blocks = align.block_expert.numel()
@@ -274,7 +277,6 @@ def fused_moe(
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], USE_PDL=pdl, launch_pdl=pdl)
 
     has_lora = lora is not None
-    k_step = _lora_k_step(lora, cfg)
     S = R = 0
     br = 16
     has_shared = False
@@ -308,7 +310,7 @@ def fused_moe(
     nt_chunk = max(1, min(nt_p2, 4096 // (bm * sg * br)))
     _gate_up_kernel[(max_blocks * nt_gu,)](
         x, w13, buf.act, align.sorted_ids, align.block_expert, align.num_padded,
-        row_slot, buf.zgu, buf.zsh, gu_b, d_a, buf.zdp,
+        row_slot, buf.zgu, buf.zsh, gu_b, d_a, buf.zdp, align.zeros if k_step else dummy,
         N, topk, H, I, S, R,
         x.stride(0), x.stride(1), *w13.stride(), buf.act.stride(0),
         *(gu_b.stride() if has_lora else (0, 0, 0, 0)), *(d_a.stride() if has_lora else (0, 0, 0, 0)),
@@ -319,9 +321,10 @@ def fused_moe(
     )
     if k_step:
         assert lora is not None
+        assert align.zeros is not None
         moe_lora_down_shrink(buf.act, lora, align.sorted_ids, align.block_expert, align.num_padded, topk, bm,
-                             sub_m=cfg.get("SHRINK_M"), block_k=min(64, cfg["BLOCK_K_D"]), cast_fp32=cast,
-                             dot_prec=prec)
+                             align.zeros, nt_gu, sub_m=cfg.get("SHRINK_M"), block_k=min(64, cfg["BLOCK_K_D"]),
+                             cast_fp32=cast, dot_prec=prec)
     _down_kernel[(max_blocks * triton.cdiv(H, cfg["BLOCK_N_D"]),)](
         buf.act, w2, buf.ypair, weights, align.sorted_ids, align.block_expert, align.num_padded,
         row_slot, buf.zdp, d_b, buf.zdw,

@@ -21,7 +21,7 @@ from lorax.kernels._common import here, pdl_trigger, pdl_wait
 def _block_rows(pid, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, row_slot_ptr, num_pid_n, N,
                 GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, SLOTS: tl.constexpr):
     """Grouped (pid_m, pid_n) order, this block's live flag, expert, pair rows and (SLOTS) the rows' adapter
-    slots (-1 for padding), read beside the rows from the alignment's sorted_slot."""
+    slots (-1 for padding), read beside the rows from the alignment's sorted_slot; and pid_m."""
     num_pid_m = tl.cdiv(tl.load(num_padded_ptr), BLOCK_M)  # device-side count of live blocks
     width = GROUP_M * num_pid_n
     first_m = (pid // width) * GROUP_M
@@ -38,7 +38,7 @@ def _block_rows(pid, sorted_ids_ptr, block_expert_ptr, num_padded_ptr, row_slot_
                                           other=-1), -1)
     # the grid is sized from the host bound (max blocks), so the last live group also gets programs
     # whose pid_n runs past num_pid_n: they must not run (they would write other rows' partials)
-    return live & (expert >= 0) & (pid_n < num_pid_n), expert, rows, pid_n, slot
+    return live & (expert >= 0) & (pid_n < num_pid_n), expert, rows, pid_n, slot, pid_m
 
 
 @triton.jit
@@ -68,6 +68,7 @@ def _gate_up_kernel(
     gu_b_ptr,  # [S, E, 2I, R] (LoRA)
     d_a_ptr,  # [S, E, R, I] (LoRA)
     zdp_ptr,  # [N, num_pid_n, BLOCK_R] fp32 out: down-shrink partials of this I tile (LoRA)
+    ready_ptr,  # [max_blocks] int32, zero at the alignment (LORA_K): I tiles of each block whose act is stored
     # sizes
     N, TOPK, H, I, S, R,
     # strides
@@ -91,8 +92,9 @@ def _gate_up_kernel(
         pdl_trigger(USE_PDL)
     # each program owns BLOCK_N gate columns and the matching BLOCK_N up columns of one block of pairs
     num_pid_n = tl.cdiv(I, BLOCK_N)
-    ok, expert, rows, pid_n, slot = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-                                                row_slot_ptr, num_pid_n, N, GROUP_M, BLOCK_M, HAS_LORA)
+    ok, expert, rows, pid_n, slot, pid_m = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr,
+                                                       num_padded_ptr, row_slot_ptr, num_pid_n, N, GROUP_M, BLOCK_M,
+                                                       HAS_LORA)
     if ok:
         mask_m = rows < N
         token = (rows // TOPK).to(tl.int64)
@@ -220,6 +222,12 @@ def _gate_up_kernel(
         # act is read again by the down GEMM while expert weights stream through L2: keep it there
         tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :], act,
                  mask=mask_m[:, None] & mask_n[None, :], eviction_policy="evict_last")
+        if HAS_LORA and LORA_K:  # noqa: SIM102 - a constexpr test, then a runtime one
+            if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:
+                # the down shrink of this block starts once all its I tiles are stored (it spins on the count,
+                # so it runs beside this grid's last programs instead of after the whole grid)
+                tl.debug_barrier()  # every thread's act stores precede the release below
+                tl.atomic_add(ready_ptr + pid_m, 1, sem="release", scope="gpu")
         if HAS_LORA and not LORA_K:  # noqa: SIM102 - a constexpr test, then a runtime one
             if any_lora:
                 # down shrink, partial over this I tile: zdp[n, pid_n] = down_A[s, e][:, tile] a[n, tile],

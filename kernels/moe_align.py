@@ -34,6 +34,7 @@ class MoEAlignment(NamedTuple):
     block_expert: torch.Tensor  # [max_padded // block_m] int32, -1 = no block
     num_padded: torch.Tensor  # [1] int32 (device)
     sorted_slot: torch.Tensor | None = None  # [max_padded] int32: the adapter slot of each entry's token
+    zeros: torch.Tensor | None = None  # [zeros] int32 of the caller's, zero before the alignment's first launch
 
 
 def max_padded_size(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -135,6 +136,7 @@ def moe_align(
     row_slots: torch.Tensor | None = None,
     out: MoEAlignment | None = None,
     path: str | None = None,
+    zeros: int = 0,
 ) -> MoEAlignment:
     """Triton alignment with the contract above, no host sync. Three paths by size, `path` forces one:
     "multi" (3 launches + a memset, any size), "one_program" (one launch, <= ONE_PROGRAM_MAX_PAIRS pairs),
@@ -144,7 +146,9 @@ def moe_align(
     pass (num_experts must then be slots * E). With `row_slots` [T] int32 (the MoE LoRA's token slots), the
     scatter also writes each entry's slot into sorted_slot, so that the GEMMs read a block's slots beside
     its pair ids instead of one dependent load later. `out` may hold preallocated buffers of the right
-    sizes (for CUDA graphs); they are fully overwritten (sorted_slot at pair entries).
+    sizes (for CUDA graphs); they are fully overwritten (sorted_slot at pair entries). `zeros` > 0 returns
+    that many int32 zeros in `zeros` (fused_moe's per-block counters), zeroed with the counts in the multi
+    path (one fill for both).
     """
     if topk_ids.dim() != 2 or topk_ids.dtype != torch.int32:
         raise ValueError(f"moe_align: topk_ids must be [T, k] int32, got {tuple(topk_ids.shape)} {topk_ids.dtype}")
@@ -185,6 +189,8 @@ def moe_align(
         raise ValueError(f"moe_align: unknown path {path!r}")
     if path == "small" and (num_pairs > SMALL_MAX_PAIRS or num_experts > SMALL_MAX_EXPERTS):
         raise ValueError(f"moe_align: the small path takes <= {SMALL_MAX_PAIRS} pairs and <= {SMALL_MAX_EXPERTS} experts")
+    if zeros and path != "multi":
+        out = out._replace(zeros=torch.zeros(zeros, dtype=torch.int32, device=device))
     if path == "small":
         block_n = max(16, triton.next_power_of_2(num_pairs))
         _moe_align_small_kernel[(1,)](
@@ -203,7 +209,9 @@ def moe_align(
             HAS_SLOT=has_slot, SLOT_OUT=slot_out, BLOCK_N=256, BLOCK_E=1024, BLOCK_B=1024, num_warps=8, USE_PDL=use_pdl(device),
         )
         return out
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    counts = torch.zeros(num_experts + zeros, dtype=torch.int32, device=device)
+    if zeros:
+        counts, out = counts[:num_experts], out._replace(zeros=counts[num_experts:])
     work = torch.empty(2 * num_experts + max(num_pairs, 1), dtype=torch.int32, device=device)
     starts, block_ends, rank = work[:num_experts], work[num_experts : 2 * num_experts], work[2 * num_experts :]
     block_n = 256

@@ -68,8 +68,8 @@ def _down_kernel(
 ):
     # the alignment (and the token slots) were written two or more launches back: read before the wait
     num_pid_n = tl.cdiv(H, BLOCK_N)
-    ok, expert, rows, pid_n, slot = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-                                                row_slot_ptr, num_pid_n, N, GROUP_M, BLOCK_M, HAS_LORA)
+    ok, expert, rows, pid_n, slot, _ = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
+                                                   row_slot_ptr, num_pid_n, N, GROUP_M, BLOCK_M, HAS_LORA)
     mask_m = rows < N
     rows64 = rows.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

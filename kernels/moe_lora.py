@@ -264,15 +264,22 @@ def _moe_lora_down_shrink_kernel(
     act_ptr,  # [N, I + S*BLOCK_R]: columns [0, I) the activation (read), [I, I + S*BLOCK_R) z_d stacked (out)
     d_a_ptr,  # [S, E, R, I]
     token_slot_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-    N, TOPK, I, S, R,
+    ready_ptr,  # [max_blocks] int32: I tiles of each block whose act the gate_up kernel has stored
+    N, TOPK, I, S, R, nt_gu,
     stride_am, stride_ds, stride_de, stride_dr, stride_di,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SG: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
     SUB_M: tl.constexpr,  # rows per program (a divisor of BLOCK_M)
 ):
     """LoRA K step mode: z_d = down_A[s, e] a per pair, stacked by slot into act's extra columns (SUB_M
-    rows of one expert block per program; blocks without adapter rows do nothing)."""
-    pdl_wait(USE_PDL)  # the gate_up GEMM wrote act
+    rows of one expert block per program; blocks without adapter rows do nothing).
+
+    A block starts once the gate_up kernel has stored all nt_gu I tiles of its act (ready[blk], acquire),
+    not when that whole grid ends: the programs run beside its last ones. This launch is let in (PDL) only
+    when every gate_up program has started, so none waits on a program that cannot run; the alignment it
+    reads finished before those. The PDL wait at the end keeps the down kernel behind the whole gate_up
+    grid (it waits only for this launch).
+    """
     pdl_trigger(USE_PDL)
     NSUB: tl.constexpr = BLOCK_M // SUB_M
     pid = tl.program_id(0)
@@ -281,6 +288,9 @@ def _moe_lora_down_shrink_kernel(
     expert = tl.load(block_expert_ptr + blk)
     if live & (expert >= 0):  # noqa: SIM102 - the inner test reads the block, valid only when live
         if _block_has_adapter_rows(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M):  # the down GEMM's test
+            if USE_PDL:
+                while tl.atomic_add(ready_ptr + blk, 0, sem="acquire", scope="gpu") < nt_gu:
+                    pass
             rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + (pid % NSUB) * SUB_M + tl.arange(0, SUB_M))
             _shrink_rows(
                 act_ptr, d_a_ptr + expert.to(tl.int64) * stride_de, act_ptr + I, token_slot_ptr,
@@ -288,6 +298,7 @@ def _moe_lora_down_shrink_kernel(
                 stride_am, 1, stride_ds, stride_dr, stride_di,
                 SUB_M, BLOCK_K, BLOCK_R, 1, SG, CAST_FP32, DOT_PREC, 1, True,
             )
+    pdl_wait(USE_PDL)
 
 
 # Slots the shrink stacks per dot (`slot_group` with SHRINK_STACK_ELEMS). Its only accumulators are the
@@ -375,6 +386,8 @@ def moe_lora_down_shrink(
     num_padded: torch.Tensor,
     topk: int,
     block_m: int,
+    ready: torch.Tensor,
+    tiles: int,
     *,
     sub_m: int | None = None,
     block_k: int = 64,
@@ -383,7 +396,8 @@ def moe_lora_down_shrink(
 ) -> None:
     """LoRA K step mode, between the two GEMMs: act [T*k, I + S*BLOCK_R] holds the activation in its first
     I columns; this writes z_d = down_A[s, e] a, stacked by slot, into the rest (rows of blocks with
-    adapter rows; zeros outside each row's own slot)."""
+    adapter rows; zeros outside each row's own slot). With PDL a block waits until ready [max_blocks] int32
+    (zero at the alignment, counted up by the gate_up kernel) reaches `tiles`, its number of I tiles."""
     S, E, R, I = lora.down_A.shape
     br = lora_block_r(R)
     if act.shape[1] != I + S * br or act.stride(1) != 1:
@@ -392,8 +406,8 @@ def moe_lora_down_shrink(
     sg = slot_group(S, sm, br, SHRINK_STACK_ELEMS)
     pdl = use_pdl(act.device)
     _moe_lora_down_shrink_kernel[(block_expert.numel() * (block_m // sm),)](
-        act, lora.down_A, lora.token_slot, sorted_ids, block_expert, num_padded,
-        act.shape[0], topk, I, S, R,
+        act, lora.down_A, lora.token_slot, sorted_ids, block_expert, num_padded, ready,
+        act.shape[0], topk, I, S, R, tiles,
         act.stride(0), *lora.down_A.stride(),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, SG=sg, CAST_FP32=cast_fp32, DOT_PREC=dot_prec,
         USE_PDL=pdl, SUB_M=sm, num_warps=8 if sm * sg * br >= 8192 else 4, launch_pdl=pdl,

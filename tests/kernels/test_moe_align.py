@@ -112,6 +112,21 @@ def test_worked_example_exact(device: str) -> None:
     assert got.sorted_ids.tolist()[:2] == [1, 4] and sorted(got.sorted_ids.tolist()[4:8]) == [0, 3, 4, 4]
 
 
+def test_zeros_scratch(device: str) -> None:
+    """`zeros` hands back that many int32 zeros (fused_moe's per-block counters) on every path, the multi
+    path's taken from the counts' fill: the counts the alignment counts in must not spill into it, and the
+    alignment itself is unchanged."""
+    topk_ids = torch.randint(-1, 9, (37, 4), dtype=torch.int32, device=device)
+    plain = moe_align(topk_ids, 8, 16)
+    for path in [p for p in PATHS if _fits(p, 37, 4, 8)]:
+        got = moe_align(topk_ids, 8, 16, path=path, zeros=11)
+        assert got.zeros is not None and got.zeros.shape == (11,) and got.zeros.dtype == torch.int32
+        assert not bool(got.zeros.any())
+        assert torch.equal(got.num_padded, plain.num_padded) and torch.equal(got.block_expert, plain.block_expert)
+        assert torch.equal(_canonical(got, 16)[0], _canonical(plain, 16)[0])
+    assert plain.zeros is None
+
+
 @pytest.mark.parametrize("T,k,E,S", [(7, 2, 5, 3), (1, 1, 128, 4), (20, 8, 16, 2)])
 def test_virtual_ids_and_fused_align(device: str, T: int, k: int, E: int, S: int) -> None:
     topk_ids = torch.randint(-1, E + 1, (T, k), dtype=torch.int32, device=device)  # sentinels both sides
