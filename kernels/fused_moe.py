@@ -43,6 +43,7 @@ from lorax.kernels.moe_lora import (
     moe_lora_down_shrink,
     moe_lora_gate_up_ref,
     moe_lora_shrink,
+    shrink_sub_m,
     slot_group,
 )
 from lorax.kernels.moe_topk_sum_kernels import _topk_sum_kernel
@@ -261,9 +262,10 @@ def fused_moe(
     slot = lora.token_slot.contiguous() if lora is not None else ids  # (without LoRA: a pointer never read)
     # with LoRA the alignment also lays out each row's adapter slot beside its pair id (sorted_slot)
     k_step = _lora_k_step(lora, cfg)
-    # (K step mode: per-block counters of the gate_up tiles stored, zeroed with the alignment's counts)
+    # (K step mode: per-block counters, zeroed with the alignment's counts: the gate_up kernel's I tiles stored,
+    # then the down shrink's parts; the down shrink and the down kernel start each block on them)
     align = moe_align(ids, E, bm, row_slots=slot if lora is not None else None,
-                      zeros=max_padded_size(T * topk, E, bm) // bm if k_step else 0)
+                      zeros=2 * (max_padded_size(T * topk, E, bm) // bm) if k_step else 0)
     row_slot = align.sorted_slot if align.sorted_slot is not None else align.sorted_ids
     N = T * topk
     max_blocks = align.block_expert.numel()
@@ -327,14 +329,14 @@ def fused_moe(
                              cast_fp32=cast, dot_prec=prec)
     _down_kernel[(max_blocks * triton.cdiv(H, cfg["BLOCK_N_D"]),)](
         buf.act, w2, buf.ypair, weights, align.sorted_ids, align.block_expert, align.num_padded,
-        row_slot, buf.zdp, d_b, buf.zdw,
-        N, topk, H, I, S, R,
+        row_slot, buf.zdp, d_b, buf.zdw, align.zeros if k_step else dummy,
+        N, topk, H, I, S, R, nt_gu, bm // shrink_sub_m(bm, cfg.get("SHRINK_M")), max_blocks,
         buf.act.stride(0), *w2.stride(), buf.ypair.stride(0),
         *(d_b.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_D"], BLOCK_K=cfg["BLOCK_K_D"], GROUP_M=cfg["GROUP_M"],
         HAS_LORA=has_lora, HAS_SHARED=has_shared, BLOCK_R=br, NT_GU=nt_gu, NT_CHUNK=nt_chunk, SG=sg,
         EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, ONE_GROUP=sg >= S,
-        PREFETCH=prefetch,
+        PREFETCH=prefetch, WAIT_READY=k_step and pdl,
         HOIST_Z=nt_p2 if bm * nt_p2 * br <= HOIST_Z_ELEMS else 0, **launch,
     )
     block_t = 16

@@ -222,12 +222,11 @@ def _gate_up_kernel(
         # act is read again by the down GEMM while expert weights stream through L2: keep it there
         tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :], act,
                  mask=mask_m[:, None] & mask_n[None, :], eviction_policy="evict_last")
-        if HAS_LORA and LORA_K:  # noqa: SIM102 - a constexpr test, then a runtime one
-            if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:
-                # the down shrink of this block starts once all its I tiles are stored (it spins on the count,
-                # so it runs beside this grid's last programs instead of after the whole grid)
-                tl.debug_barrier()  # every thread's act stores precede the release below
-                tl.atomic_add(ready_ptr + pid_m, 1, sem="release", scope="gpu")
+        if HAS_LORA and LORA_K:
+            # the down shrink and the down kernel start on this block once all its I tiles are stored (they spin
+            # on the count, so they run beside this grid's last programs instead of after the whole grid)
+            tl.debug_barrier()  # every thread's act stores precede the release below
+            tl.atomic_add(ready_ptr + pid_m, 1, sem="release", scope="gpu")
         if HAS_LORA and not LORA_K:  # noqa: SIM102 - a constexpr test, then a runtime one
             if any_lora:
                 # down shrink, partial over this I tile: zdp[n, pid_n] = down_A[s, e][:, tile] a[n, tile],

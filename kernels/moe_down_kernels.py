@@ -47,8 +47,10 @@ def _down_kernel(
     zdp_ptr,  # [N, NT_GU, BLOCK_R] fp32 down-shrink partials (LoRA)
     d_b_ptr,  # [S, E, H, R] (LoRA)
     zdw_ptr,  # [N, BLOCK_R] fp32 out: w * z_d, for the shared-outer expand (HAS_SHARED)
+    ready_ptr,  # [2, max_blocks] int32 (WAIT_READY): I tiles of act stored, down-shrink parts of z_d stored
     # sizes
     N, TOPK, H, I, S, R,
+    nt_gu, shrink_parts, max_blocks,  # (WAIT_READY) the counts at which a block's act and z_d are complete
     # strides
     stride_am, stride_we, stride_wn, stride_wk, stride_ym,
     stride_bs, stride_be, stride_bn, stride_br,
@@ -65,11 +67,13 @@ def _down_kernel(
     PREFETCH: tl.constexpr = False,  # ONE_GROUP: the present slots' down_B tiles issued before the main loop
     HOIST_Z: tl.constexpr = 0,  # ONE_GROUP: NT_GU rounded up to a power of two when the z_d partials are
     # issued before the main loop (held in registers across it), else 0
+    WAIT_READY: tl.constexpr = False,  # LORA_K with PDL: wait per block on the counters, not for the grids
 ):
     # the alignment (and the token slots) were written two or more launches back: read before the wait
     num_pid_n = tl.cdiv(H, BLOCK_N)
-    ok, expert, rows, pid_n, slot, _ = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-                                                   row_slot_ptr, num_pid_n, N, GROUP_M, BLOCK_M, HAS_LORA)
+    ok, expert, rows, pid_n, slot, pid_m = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr,
+                                                       num_padded_ptr, row_slot_ptr, num_pid_n, N, GROUP_M, BLOCK_M,
+                                                       HAS_LORA)
     mask_m = rows < N
     rows64 = rows.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,8 +90,16 @@ def _down_kernel(
         if PREFETCH:
             present0 = tl.max((slot[:, None] == q_s[None, :]).to(tl.int32), axis=0) > 0
             db0 = tl.load(db_ptrs, mask=(present0 & (q_r < R))[:, None] & (mask_n & ok)[None, :], other=0.0)
-    pdl_wait(USE_PDL)
-    pdl_trigger(USE_PDL)
+    if WAIT_READY:
+        # the block's act is complete once the gate_up kernel counted all its I tiles (this launch starts when
+        # every down-shrink program, hence every gate_up program, has started: the counts will come)
+        pdl_trigger(USE_PDL)
+        if ok:
+            while tl.atomic_add(ready_ptr + pid_m, 0, sem="acquire", scope="gpu") < nt_gu:
+                pass
+    else:
+        pdl_wait(USE_PDL)
+        pdl_trigger(USE_PDL)
     if ok:
         offs_k = tl.arange(0, BLOCK_K)
         if HAS_LORA and not LORA_K and ONE_GROUP and HOIST_Z > 0:
@@ -119,12 +131,16 @@ def _down_kernel(
         if HAS_LORA and LORA_K:
             # LoRA K step: y += z_d(stacked by slot) down_B(stacked by slot), S*BLOCK_R more K columns
             if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:
+                if WAIT_READY:  # every down-shrink part of this block has stored its z_d
+                    while tl.atomic_add(ready_ptr + max_blocks + pid_m, 0, sem="acquire", scope="gpu") < shrink_parts:
+                        pass
                 KW = S * BLOCK_R
                 z_rows = act_ptr + rows64[:, None] * stride_am + I
                 b_cols = d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
                 for j0 in range(0, KW, BLOCK_K):
                     j = j0 + offs_k
-                    zt = tl.load(z_rows + j[None, :], mask=mask_m[:, None] & (j < KW)[None, :], other=0.0)
+                    zt = tl.load(z_rows + j[None, :], mask=mask_m[:, None] & (j < KW)[None, :], other=0.0,
+                                 cache_modifier=".cg")  # (written by a launch still running: not from L1)
                     db_ptrs, m_db = _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R)
                     db = tl.load(db_ptrs, mask=m_db, other=0.0)
                     if CAST_FP32:
@@ -195,3 +211,6 @@ def _down_kernel(
         # the top-k sum reads these rows right after this kernel (and marks them evict_first as it reads them)
         tl.store(ypair_ptr + rows64[:, None] * stride_ym + offs_n[None, :], acc.to(ypair_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :], eviction_policy="evict_last")
+    if WAIT_READY:
+        pdl_wait(USE_PDL)  # this grid ends after the down shrink's (and so the gate_up kernel's): the top-k sum
+        # waits only for this launch

@@ -264,8 +264,9 @@ def _moe_lora_down_shrink_kernel(
     act_ptr,  # [N, I + S*BLOCK_R]: columns [0, I) the activation (read), [I, I + S*BLOCK_R) z_d stacked (out)
     d_a_ptr,  # [S, E, R, I]
     token_slot_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-    ready_ptr,  # [max_blocks] int32: I tiles of each block whose act the gate_up kernel has stored
-    N, TOPK, I, S, R, nt_gu,
+    ready_ptr,  # [2, max_blocks] int32: I tiles of each block whose act is stored (the gate_up kernel counts),
+    # parts of each block whose z_d is stored (this launch counts, the down kernel waits)
+    N, TOPK, I, S, R, nt_gu, max_blocks,
     stride_am, stride_ds, stride_de, stride_dr, stride_di,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SG: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
@@ -298,6 +299,9 @@ def _moe_lora_down_shrink_kernel(
                 stride_am, 1, stride_ds, stride_dr, stride_di,
                 SUB_M, BLOCK_K, BLOCK_R, 1, SG, CAST_FP32, DOT_PREC, 1, True,
             )
+            if USE_PDL:
+                tl.debug_barrier()  # every thread's z_d stores precede the release below
+                tl.atomic_add(ready_ptr + max_blocks + blk, 1, sem="release", scope="gpu")
     pdl_wait(USE_PDL)
 
 
@@ -318,7 +322,7 @@ def slot_group(S: int, block_m: int, block_r: int, stack_elems: int) -> int:
     return min(triton.next_power_of_2(max(S, 1)), max(1, 64 // block_r), max(1, stack_elems // (block_m * block_r)))
 
 
-def _sub_m(block_m: int, sub_m: int | None) -> int:
+def shrink_sub_m(block_m: int, sub_m: int | None) -> int:
     """Rows per shrink program: a power of two dividing block_m, at least 16 (tl.dot's minimum)."""
     sm = block_m if not sub_m else min(block_m, max(16, sub_m))
     if block_m % sm or sm & (sm - 1):
@@ -362,7 +366,7 @@ def moe_lora_shrink(
     sh_a = lora.shared_gate_up_A if has_shared else lora.gate_up_A
     assert sh_a is not None
     k_chunk = triton.cdiv(triton.cdiv(H, split), block_k) * block_k
-    sm = _sub_m(block_m, sub_m)
+    sm = shrink_sub_m(block_m, sub_m)
     sg = slot_group(S, sm, br, SHRINK_STACK_ELEMS)
     pdl = use_pdl(x.device)
     grid = (max_blocks * (block_m // sm) + (triton.cdiv(T, sm) if has_shared else 0), split)
@@ -396,18 +400,19 @@ def moe_lora_down_shrink(
 ) -> None:
     """LoRA K step mode, between the two GEMMs: act [T*k, I + S*BLOCK_R] holds the activation in its first
     I columns; this writes z_d = down_A[s, e] a, stacked by slot, into the rest (rows of blocks with
-    adapter rows; zeros outside each row's own slot). With PDL a block waits until ready [max_blocks] int32
-    (zero at the alignment, counted up by the gate_up kernel) reaches `tiles`, its number of I tiles."""
+    adapter rows; zeros outside each row's own slot). With PDL a block waits until ready[0] ([2, max_blocks]
+    int32, zero at the alignment, counted up by the gate_up kernel) reaches `tiles`, its number of I tiles,
+    and counts each part it stores into ready[1] (the down kernel waits for block_m / sub_m of them)."""
     S, E, R, I = lora.down_A.shape
     br = lora_block_r(R)
     if act.shape[1] != I + S * br or act.stride(1) != 1:
         raise ValueError(f"moe_lora_down_shrink: act must be [N, {I + S * br}] with unit column stride")
-    sm = _sub_m(block_m, sub_m)
+    sm = shrink_sub_m(block_m, sub_m)
     sg = slot_group(S, sm, br, SHRINK_STACK_ELEMS)
     pdl = use_pdl(act.device)
     _moe_lora_down_shrink_kernel[(block_expert.numel() * (block_m // sm),)](
         act, lora.down_A, lora.token_slot, sorted_ids, block_expert, num_padded, ready,
-        act.shape[0], topk, I, S, R, tiles,
+        act.shape[0], topk, I, S, R, tiles, block_expert.numel(),
         act.stride(0), *lora.down_A.stride(),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, SG=sg, CAST_FP32=cast_fp32, DOT_PREC=dot_prec,
         USE_PDL=pdl, SUB_M=sm, num_warps=8 if sm * sg * br >= 8192 else 4, launch_pdl=pdl,
