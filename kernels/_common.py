@@ -56,8 +56,13 @@ def tuned_buckets(file: str, device: torch.device, shape_key: str) -> dict[str, 
 #   - `pdl_trigger` comes after the program's own `pdl_wait`, or the kernel waits unconditionally
 #     before it exits, so that "launch N finished" still implies "launch N-1 finished";
 # so the kernel before is complete (and its writes visible) at `pdl_wait`, and the one before that is
-# complete when the program starts. Off on the CPU, under the interpreter, before sm_90, and with
-# LORAX_PDL=0.
+# complete when the program starts. One exception, counted: in fused_moe's LoRA K step mode the down shrink
+# and the down kernel read the gate_up kernel's act (and the down kernel the down shrink's z_d) per block
+# before their waits, once a per-block counter the writer releases after its stores says the block is
+# complete (an acquire load spins on it). That cannot hang: a launch is scheduled only when every program
+# of the launch before has started, so every writer is running or done. Both kernels then wait at their
+# end, so the rule "launch N finished implies launch N-1 finished" still holds. Off on the CPU, under the
+# interpreter, before sm_90, and with LORAX_PDL=0.
 # ----------------------------------------------------------------------------------------------------
 
 
