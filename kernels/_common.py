@@ -89,6 +89,16 @@ def pdl_trigger(USE_PDL: tl.constexpr):
 
 
 @triton.jit
+def wait_count(ptr, target):
+    """Spin until the int32 counter at ptr (release-incremented by other programs) reaches target. Each poll
+    is an acquire load, so what the program reads next was written before those increments. (Volatile
+    polls with one acquire at the end measured the same on an H100: fused_moe's K step mode, 512 and 2048
+    tokens.)"""
+    while tl.atomic_add(ptr, 0, sem="acquire", scope="gpu") < target:  # (lowered to an acquire load)
+        pass
+
+
+@triton.jit
 def here(x, ON: tl.constexpr):
     """x unchanged, through a register move that the compiler keeps where it is written (off: x itself;
     the interpreter runs no inline asm). A tile loaded before a loop and fed to a tl.dot after it is

@@ -68,7 +68,7 @@ def _gate_up_kernel(
     gu_b_ptr,  # [S, E, 2I, R] (LoRA)
     d_a_ptr,  # [S, E, R, I] (LoRA)
     zdp_ptr,  # [N, num_pid_n, BLOCK_R] fp32 out: down-shrink partials of this I tile (LoRA)
-    ready_ptr,  # [max_blocks] int32, zero at the alignment (LORA_K): I tiles of each block whose act is stored
+    ready_ptr,  # [2, max_blocks] int32, zero at the alignment (LORA_K): row 0 counts each block's stored I tiles
     # sizes
     N, TOPK, H, I, S, R,
     # strides

@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lorax.kernels._common import here, pdl_trigger, pdl_wait
+from lorax.kernels._common import here, pdl_trigger, pdl_wait, wait_count
 from lorax.kernels.fused_moe_kernels import _block_rows, _stack, _stacked_b
 
 
@@ -95,8 +95,7 @@ def _down_kernel(
         # every down-shrink program, hence every gate_up program, has started: the counts will come)
         pdl_trigger(USE_PDL)
         if ok:
-            while tl.atomic_add(ready_ptr + pid_m, 0, sem="acquire", scope="gpu") < nt_gu:
-                pass
+            wait_count(ready_ptr + pid_m, nt_gu)
     else:
         pdl_wait(USE_PDL)
         pdl_trigger(USE_PDL)
@@ -132,8 +131,7 @@ def _down_kernel(
             # LoRA K step: y += z_d(stacked by slot) down_B(stacked by slot), S*BLOCK_R more K columns
             if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:
                 if WAIT_READY:  # every down-shrink part of this block has stored its z_d
-                    while tl.atomic_add(ready_ptr + max_blocks + pid_m, 0, sem="acquire", scope="gpu") < shrink_parts:
-                        pass
+                    wait_count(ready_ptr + max_blocks + pid_m, shrink_parts)
                 KW = S * BLOCK_R
                 z_rows = act_ptr + rows64[:, None] * stride_am + I
                 b_cols = d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn

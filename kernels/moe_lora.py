@@ -213,7 +213,9 @@ def moe_lora_down_shrink(
     I columns; this writes z_d = down_A[s, e] a, stacked by slot, into the rest (rows of blocks with
     adapter rows; zeros outside each row's own slot). With PDL a block waits until ready[0] ([2, max_blocks]
     int32, zero at the alignment, counted up by the gate_up kernel) reaches `tiles`, its number of I tiles,
-    and counts each part it stores into ready[1] (the down kernel waits for block_m / sub_m of them)."""
+    and counts each part it stores into ready[1] (the down kernel waits for block_m / sub_m of them). So it
+    must follow a K step mode gate_up launch that counts into the same `ready` (fused_moe's order): called
+    on its own with PDL on, it would wait forever."""
     S, E, R, I = lora.down_A.shape
     br = lora_block_r(R)
     if act.shape[1] != I + S * br or act.stride(1) != 1:

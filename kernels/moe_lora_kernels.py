@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lorax.kernels._common import pdl_trigger, pdl_wait
+from lorax.kernels._common import pdl_trigger, pdl_wait, wait_count
 
 
 @triton.jit
@@ -189,8 +189,7 @@ def _moe_lora_down_shrink_kernel(
     if live & (expert >= 0):  # noqa: SIM102 - the inner test reads the block, valid only when live
         if _block_has_adapter_rows(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M):  # the down GEMM's test
             if USE_PDL:
-                while tl.atomic_add(ready_ptr + blk, 0, sem="acquire", scope="gpu") < nt_gu:
-                    pass
+                wait_count(ready_ptr + blk, nt_gu)
             rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + (pid % NSUB) * SUB_M + tl.arange(0, SUB_M))
             _shrink_rows(
                 act_ptr, d_a_ptr + expert.to(tl.int64) * stride_de, act_ptr + I, token_slot_ptr,
