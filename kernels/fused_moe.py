@@ -264,11 +264,13 @@ def fused_moe(
     k_step = _lora_k_step(lora, cfg)
     # (K step mode: per-block counters, zeroed with the alignment's counts: the gate_up kernel's I tiles stored,
     # then the down shrink's parts; the down shrink and the down kernel start each block on them)
+    max_blocks = max_padded_size(T * topk, E, bm) // bm
     align = moe_align(ids, E, bm, row_slots=slot if lora is not None else None,
-                      zeros=2 * (max_padded_size(T * topk, E, bm) // bm) if k_step else 0)
+                      zeros=2 * max_blocks if k_step else 0)
+    # (without the K step: x, a pointer never read)
+    act_ready, zd_ready = align.zeros.view(2, max_blocks) if align.zeros is not None else (x, x)
     row_slot = align.sorted_slot if align.sorted_slot is not None else align.sorted_ids
     N = T * topk
-    max_blocks = align.block_expert.numel()
     cast = interpreting()
     # fp32 (a CPU/debug dtype) on a GPU: exact fp32 products and tiles that fit in shared memory
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -312,7 +314,7 @@ def fused_moe(
     nt_chunk = max(1, min(nt_p2, 4096 // (bm * sg * br)))
     _gate_up_kernel[(max_blocks * nt_gu,)](
         x, w13, buf.act, align.sorted_ids, align.block_expert, align.num_padded,
-        row_slot, buf.zgu, buf.zsh, gu_b, d_a, buf.zdp, align.zeros if k_step else dummy,
+        row_slot, buf.zgu, buf.zsh, gu_b, d_a, buf.zdp, act_ready,
         N, topk, H, I, S, R,
         x.stride(0), x.stride(1), *w13.stride(), buf.act.stride(0),
         *(gu_b.stride() if has_lora else (0, 0, 0, 0)), *(d_a.stride() if has_lora else (0, 0, 0, 0)),
@@ -323,14 +325,13 @@ def fused_moe(
     )
     if k_step:
         assert lora is not None
-        assert align.zeros is not None
         moe_lora_down_shrink(buf.act, lora, align.sorted_ids, align.block_expert, align.num_padded, topk, bm,
-                             align.zeros, nt_gu, sub_m=cfg.get("SHRINK_M"), block_k=min(64, cfg["BLOCK_K_D"]),
+                             act_ready, zd_ready, nt_gu, sub_m=cfg.get("SHRINK_M"), block_k=min(64, cfg["BLOCK_K_D"]),
                              cast_fp32=cast, dot_prec=prec)
     _down_kernel[(max_blocks * triton.cdiv(H, cfg["BLOCK_N_D"]),)](
         buf.act, w2, buf.ypair, weights, align.sorted_ids, align.block_expert, align.num_padded,
-        row_slot, buf.zdp, d_b, buf.zdw, align.zeros if k_step else dummy,
-        N, topk, H, I, S, R, nt_gu, bm // shrink_sub_m(bm, cfg.get("SHRINK_M")), max_blocks,
+        row_slot, buf.zdp, d_b, buf.zdw, act_ready, zd_ready,
+        N, topk, H, I, S, R, nt_gu, bm // shrink_sub_m(bm, cfg.get("SHRINK_M")),
         buf.act.stride(0), *w2.stride(), buf.ypair.stride(0),
         *(d_b.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_D"], BLOCK_K=cfg["BLOCK_K_D"], GROUP_M=cfg["GROUP_M"],

@@ -68,7 +68,7 @@ def _gate_up_kernel(
     gu_b_ptr,  # [S, E, 2I, R] (LoRA)
     d_a_ptr,  # [S, E, R, I] (LoRA)
     zdp_ptr,  # [N, num_pid_n, BLOCK_R] fp32 out: down-shrink partials of this I tile (LoRA)
-    ready_ptr,  # [2, max_blocks] int32, zero at the alignment (LORA_K): row 0 counts each block's stored I tiles
+    act_ready_ptr,  # [max_blocks] int32, zero at the alignment (LORA_K): counts each block's stored I tiles
     # sizes
     N, TOPK, H, I, S, R,
     # strides
@@ -226,7 +226,7 @@ def _gate_up_kernel(
             # the down shrink and the down kernel start on this block once all its I tiles are stored (they spin
             # on the count, so they run beside this grid's last programs instead of after the whole grid)
             tl.debug_barrier()  # every thread's act stores precede the release below
-            tl.atomic_add(ready_ptr + pid_m, 1, sem="release", scope="gpu")
+            tl.atomic_add(act_ready_ptr + pid_m, 1, sem="release", scope="gpu")
         if HAS_LORA and not LORA_K:  # noqa: SIM102 - a constexpr test, then a runtime one
             if any_lora:
                 # down shrink, partial over this I tile: zdp[n, pid_n] = down_A[s, e][:, tile] a[n, tile],

@@ -47,10 +47,10 @@ def _down_kernel(
     zdp_ptr,  # [N, NT_GU, BLOCK_R] fp32 down-shrink partials (LoRA)
     d_b_ptr,  # [S, E, H, R] (LoRA)
     zdw_ptr,  # [N, BLOCK_R] fp32 out: w * z_d, for the shared-outer expand (HAS_SHARED)
-    ready_ptr,  # [2, max_blocks] int32 (WAIT_READY): I tiles of act stored, down-shrink parts of z_d stored
+    act_ready_ptr, zd_ready_ptr,  # [max_blocks] int32 (WAIT_READY): I tiles of act, down-shrink parts of z_d stored
     # sizes
     N, TOPK, H, I, S, R,
-    nt_gu, shrink_parts, max_blocks,  # (WAIT_READY) the counts at which a block's act and z_d are complete
+    nt_gu, shrink_parts,  # (WAIT_READY) the counts at which a block's act and z_d are complete
     # strides
     stride_am, stride_we, stride_wn, stride_wk, stride_ym,
     stride_bs, stride_be, stride_bn, stride_br,
@@ -95,7 +95,7 @@ def _down_kernel(
         # every down-shrink program, hence every gate_up program, has started: the counts will come)
         pdl_trigger(USE_PDL)
         if ok:
-            wait_count(ready_ptr + pid_m, nt_gu)
+            wait_count(act_ready_ptr + pid_m, nt_gu)
     else:
         pdl_wait(USE_PDL)
         pdl_trigger(USE_PDL)
@@ -131,7 +131,7 @@ def _down_kernel(
             # LoRA K step: y += z_d(stacked by slot) down_B(stacked by slot), S*BLOCK_R more K columns
             if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:
                 if WAIT_READY:  # every down-shrink part of this block has stored its z_d
-                    wait_count(ready_ptr + max_blocks + pid_m, shrink_parts)
+                    wait_count(zd_ready_ptr + pid_m, shrink_parts)
                 KW = S * BLOCK_R
                 z_rows = act_ptr + rows64[:, None] * stride_am + I
                 b_cols = d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn

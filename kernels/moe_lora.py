@@ -201,7 +201,8 @@ def moe_lora_down_shrink(
     num_padded: torch.Tensor,
     topk: int,
     block_m: int,
-    ready: torch.Tensor,
+    act_ready: torch.Tensor,
+    zd_ready: torch.Tensor,
     tiles: int,
     *,
     sub_m: int | None = None,
@@ -211,10 +212,10 @@ def moe_lora_down_shrink(
 ) -> None:
     """LoRA K step mode, between the two GEMMs: act [T*k, I + S*BLOCK_R] holds the activation in its first
     I columns; this writes z_d = down_A[s, e] a, stacked by slot, into the rest (rows of blocks with
-    adapter rows; zeros outside each row's own slot). With PDL a block waits until ready[0] ([2, max_blocks]
+    adapter rows; zeros outside each row's own slot). With PDL a block waits until act_ready ([max_blocks]
     int32, zero at the alignment, counted up by the gate_up kernel) reaches `tiles`, its number of I tiles,
-    and counts each part it stores into ready[1] (the down kernel waits for block_m / sub_m of them). So it
-    must follow a K step mode gate_up launch that counts into the same `ready` (fused_moe's order): called
+    and counts each part it stores into zd_ready (the down kernel waits for block_m / sub_m of them). So it
+    must follow a K step mode gate_up launch that counts into the same act_ready (fused_moe's order): called
     on its own with PDL on, it would wait forever."""
     S, E, R, I = lora.down_A.shape
     br = lora_block_r(R)
@@ -224,8 +225,8 @@ def moe_lora_down_shrink(
     sg = slot_group(S, sm, br, SHRINK_STACK_ELEMS)
     pdl = use_pdl(act.device)
     _moe_lora_down_shrink_kernel[(block_expert.numel() * (block_m // sm),)](
-        act, lora.down_A, lora.token_slot, sorted_ids, block_expert, num_padded, ready,
-        act.shape[0], topk, I, S, R, tiles, block_expert.numel(),
+        act, lora.down_A, lora.token_slot, sorted_ids, block_expert, num_padded, act_ready, zd_ready,
+        act.shape[0], topk, I, S, R, tiles,
         act.stride(0), *lora.down_A.stride(),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, SG=sg, CAST_FP32=cast_fp32, DOT_PREC=dot_prec,
         USE_PDL=pdl, SUB_M=sm, num_warps=8 if sm * sg * br >= 8192 else 4, launch_pdl=pdl,

@@ -163,9 +163,9 @@ def _moe_lora_down_shrink_kernel(
     act_ptr,  # [N, I + S*BLOCK_R]: columns [0, I) the activation (read), [I, I + S*BLOCK_R) z_d stacked (out)
     d_a_ptr,  # [S, E, R, I]
     token_slot_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
-    ready_ptr,  # [2, max_blocks] int32: I tiles of each block whose act is stored (the gate_up kernel counts),
-    # parts of each block whose z_d is stored (this launch counts, the down kernel waits)
-    N, TOPK, I, S, R, nt_gu, max_blocks,
+    act_ready_ptr,  # [max_blocks] int32: I tiles of each block whose act is stored (the gate_up kernel counts)
+    zd_ready_ptr,  # [max_blocks] int32: parts of each block whose z_d is stored (we count, the down kernel waits)
+    N, TOPK, I, S, R, nt_gu,
     stride_am, stride_ds, stride_de, stride_dr, stride_di,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SG: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
@@ -174,7 +174,7 @@ def _moe_lora_down_shrink_kernel(
     """LoRA K step mode: z_d = down_A[s, e] a per pair, stacked by slot into act's extra columns (SUB_M
     rows of one expert block per program; blocks without adapter rows do nothing).
 
-    A block starts once the gate_up kernel has stored all nt_gu I tiles of its act (ready[blk], acquire),
+    A block starts once the gate_up kernel has stored all nt_gu I tiles of its act (act_ready[blk], acquire),
     not when that whole grid ends: the programs run beside its last ones. This launch is let in (PDL) only
     when every gate_up program has started, so none waits on a program that cannot run; the alignment it
     reads finished before those. The PDL wait at the end keeps the down kernel behind the whole gate_up
@@ -189,7 +189,7 @@ def _moe_lora_down_shrink_kernel(
     if live & (expert >= 0):  # noqa: SIM102 - the inner test reads the block, valid only when live
         if _block_has_adapter_rows(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M):  # the down GEMM's test
             if USE_PDL:
-                wait_count(ready_ptr + blk, nt_gu)
+                wait_count(act_ready_ptr + blk, nt_gu)
             rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + (pid % NSUB) * SUB_M + tl.arange(0, SUB_M))
             _shrink_rows(
                 act_ptr, d_a_ptr + expert.to(tl.int64) * stride_de, act_ptr + I, token_slot_ptr,
@@ -199,5 +199,5 @@ def _moe_lora_down_shrink_kernel(
             )
             if USE_PDL:
                 tl.debug_barrier()  # every thread's z_d stores precede the release below
-                tl.atomic_add(ready_ptr + max_blocks + blk, 1, sem="release", scope="gpu")
+                tl.atomic_add(zd_ready_ptr + blk, 1, sem="release", scope="gpu")
     pdl_wait(USE_PDL)
