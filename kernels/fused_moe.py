@@ -96,7 +96,7 @@ def fused_moe_ref(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Triton path. Launches: moe_align (1 up to 1024 pairs, else 2-3 + a memset), [LoRA shrink], gate_up GEMM,
+# Triton path. Launches: moe_align (1 up to 64 pairs, else 2-3 + a memset), [LoRA shrink], gate_up GEMM,
 # [LoRA down shrink], down GEMM, top-k sum (kernels in fused_moe_kernels.py, moe_down_kernels.py,
 # moe_topk_sum_kernels.py). No host sync anywhere: CUDA-graph safe.
 # ----------------------------------------------------------------------------------------------------

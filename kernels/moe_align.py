@@ -100,15 +100,16 @@ def virtual_expert_ids_ref(topk_ids: torch.Tensor, token_slot: torch.Tensor, num
 # Triton implementation (kernels in moe_align_kernels.py): count (atomics give each pair its rank) ->
 # prefix sum -> scatter + block fill. Three launches plus one memset of the [E] counter (two launches below
 # FUSED_PREFIX_MAX_EXPERTS experts: the scatter takes the prefix sum itself); no host sync, no sort, no cap
-# on num_experts. Smaller inputs take one launch: the same passes in one program
-# (<= 1024 pairs), or, at decode sizes, everything in registers (<= 128 pairs, < 1024 experts).
+# on num_experts. Decode sizes take one launch, everything in registers (<= 64 pairs, < 1024 experts).
+# (A one-program version of the three passes for <= 1024 pairs was dropped: its phases run one after another
+# in one CTA, and on an H100 it took 8-36 us where these launches take 6-7, e.g. Qwen3-30B-A3B at 128 tokens
+# 414.3 -> 408.3 us for the whole layer; docs/BENCHMARKS.md.)
 # ----------------------------------------------------------------------------------------------------
 
 import triton  # noqa: E402
 
 from lorax.kernels._common import interpreting, use_pdl  # noqa: E402,F401  (interpreting: re-exported)
 from lorax.kernels.moe_align_kernels import (  # noqa: E402
-    _moe_align_one_program_kernel,
     _moe_align_small_kernel,
     _moe_count_kernel,
     _moe_prefix_kernel,
@@ -116,11 +117,10 @@ from lorax.kernels.moe_align_kernels import (  # noqa: E402
     _virtual_ids_kernel,
 )
 
-# one-launch paths when the whole alignment is small; tests force each path (`path=`)
-ONE_PROGRAM_MAX_PAIRS = 1024
-ONE_PROGRAM_MAX_EXPERTS = 4096
-# registers-only path (decode steps of up to 16 tokens at top-8): pairs and experts (+ the sentinel bucket)
-SMALL_MAX_PAIRS = 128
+# registers-only path (decode steps of up to 8 tokens at top-8): pairs and experts (+ the sentinel bucket);
+# tests force either path with `path=`. Its rank step compares every pair with every other: on an H100 the
+# Qwen3-30B-A3B layer took 2-3 us less with it at 8 tokens (64 pairs), 3-4 us more at 16 (128 pairs)
+SMALL_MAX_PAIRS = 64
 SMALL_MAX_EXPERTS = 1023
 # three-pass path: below this many experts the scatter takes the counts' prefix sum itself, in registers
 FUSED_PREFIX_MAX_EXPERTS = 1024
@@ -138,9 +138,8 @@ def moe_align(
     path: str | None = None,
     zeros: int = 0,
 ) -> MoEAlignment:
-    """Triton alignment with the contract above, no host sync. Three paths by size, `path` forces one:
-    "multi" (3 launches + a memset, any size), "one_program" (one launch, <= ONE_PROGRAM_MAX_PAIRS pairs),
-    "small" (one launch, registers only, <= SMALL_MAX_PAIRS pairs: decode).
+    """Triton alignment with the contract above, no host sync. Two paths by size, `path` forces one:
+    "multi" (3 launches + a memset, any size), "small" (one launch, registers only, <= SMALL_MAX_PAIRS pairs: decode).
 
     With `token_slot` [T] and `base_experts` E, the virtual ids slot * E + e are formed inside the first
     pass (num_experts must then be slots * E). With `row_slots` [T] int32 (the MoE LoRA's token slots), the
@@ -182,10 +181,8 @@ def moe_align(
     rows_src = row_slots.contiguous() if row_slots is not None else ids
     rows_dst = out.sorted_slot if out.sorted_slot is not None and slot_out else out.sorted_ids
     if path is None:
-        path = ("small" if num_pairs <= SMALL_MAX_PAIRS and num_experts <= SMALL_MAX_EXPERTS else
-                "one_program" if num_pairs <= ONE_PROGRAM_MAX_PAIRS and num_experts <= ONE_PROGRAM_MAX_EXPERTS else
-                "multi")
-    if path not in ("small", "one_program", "multi"):
+        path = "small" if num_pairs <= SMALL_MAX_PAIRS and num_experts <= SMALL_MAX_EXPERTS else "multi"
+    if path not in ("small", "multi"):
         raise ValueError(f"moe_align: unknown path {path!r}")
     if path == "small" and (num_pairs > SMALL_MAX_PAIRS or num_experts > SMALL_MAX_EXPERTS):
         raise ValueError(f"moe_align: the small path takes <= {SMALL_MAX_PAIRS} pairs and <= {SMALL_MAX_EXPERTS} experts")
@@ -198,15 +195,6 @@ def moe_align(
             num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks,
             HAS_SLOT=has_slot, SLOT_OUT=slot_out, BLOCK_N=block_n, BLOCK_E=triton.next_power_of_2(num_experts + 1), BLOCK_B=1024,
             MAX_RUN_BLOCKS=triton.cdiv(block_n, block_m), num_warps=8 if block_n > 64 else 4, USE_PDL=use_pdl(device),
-        )
-        return out
-    if path == "one_program":
-        work = torch.empty(2 * num_experts + max(num_pairs, 1), dtype=torch.int32, device=device)
-        counts, starts, rank = work[:num_experts], work[num_experts : 2 * num_experts], work[2 * num_experts :]
-        _moe_align_one_program_kernel[(1,)](
-            ids, slot_arg, counts, starts, rank, out.sorted_ids, out.block_expert, out.num_padded, rows_src,
-            rows_dst, num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks,
-            HAS_SLOT=has_slot, SLOT_OUT=slot_out, BLOCK_N=256, BLOCK_E=1024, BLOCK_B=1024, num_warps=8, USE_PDL=use_pdl(device),
         )
         return out
     counts = torch.zeros(num_experts + zeros, dtype=torch.int32, device=device)

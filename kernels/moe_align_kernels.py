@@ -1,8 +1,7 @@
 """The Triton kernels behind kernels/moe_align.py (contract, launcher and reference live there).
 
-Three ways to the same alignment:
+Two ways to the same alignment:
     _moe_count_kernel -> _moe_prefix_kernel -> _moe_scatter_kernel   any size (atomics give each pair its rank)
-    _moe_align_one_program_kernel                                     the same passes in one program
     _moe_align_small_kernel                                           decode sizes, registers only
 and `_virtual_ids_kernel` for `virtual_expert_ids`.
 """
@@ -162,83 +161,17 @@ def _store_slots(row_slots_ptr, sorted_slot_ptr, dest, offs_n, valid, TOPK, SLOT
 
 
 @triton.jit
-def _fill_past(block_expert_ptr, sorted_ids_ptr, total, N, block_m, max_blocks, BLOCK_B: tl.constexpr,
-               PAD_FROM_ZERO: tl.constexpr = False):
-    """block_expert = -1 for the blocks past the padded count `total`; sorted_ids = the pad marker N past
-    `total` (or everywhere, PAD_FROM_ZERO)."""
+def _fill_past(block_expert_ptr, sorted_ids_ptr, total, N, block_m, max_blocks, BLOCK_B: tl.constexpr):
+    """block_expert = -1 for the blocks past the padded count `total`; sorted_ids = the pad marker N
+    everywhere (the caller's scatter then overwrites the pairs' places)."""
     total_blocks = total // block_m
     for b0 in range(0, max_blocks, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         tl.store(block_expert_ptr + offs_b, tl.full([BLOCK_B], -1, tl.int32),
                  mask=(offs_b >= total_blocks) & (offs_b < max_blocks))
-    pad_from = 0 if PAD_FROM_ZERO else total
     for p0 in range(0, max_blocks * block_m, BLOCK_B):
         offs_p = p0 + tl.arange(0, BLOCK_B)
-        tl.store(sorted_ids_ptr + offs_p, tl.zeros_like(offs_p) + N,
-                 mask=(offs_p >= pad_from) & (offs_p < max_blocks * block_m))
-
-
-@triton.jit
-def _moe_align_one_program_kernel(
-    topk_ids_ptr, token_slot_ptr,
-    counts_ptr, starts_ptr, rank_ptr,  # [E], [E], [N] int32 work
-    sorted_ids_ptr, block_expert_ptr, num_padded_ptr,  # outputs
-    row_slots_ptr, sorted_slot_ptr,  # [T] in, [max_padded] out (SLOT_OUT)
-    N, TOPK, base_experts, num_experts, block_m, max_blocks,
-    HAS_SLOT: tl.constexpr, SLOT_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    """Small inputs: the three passes in one program, phases separated by CTA barriers.
-
-    Global writes of one CTA are visible to its own threads after a barrier; counters are read back
-    with volatile loads so no stale L1 line is used. Saves two launches and the memset on decode.
-    Block owners and pads are written expert by expert (stores only: no dependent-load chains, which
-    a single program would pay for in latency).
-
-    With PDL the next launch (fused_moe's LoRA shrink or gate_up GEMM, both waiting before they read
-    anything) is let in at once, so its launch latency hides behind this program.
-    """
-    pdl_trigger(USE_PDL)
-    for e0 in range(0, num_experts, BLOCK_E):
-        offs_e = e0 + tl.arange(0, BLOCK_E)
-        tl.store(counts_ptr + offs_e, tl.zeros([BLOCK_E], dtype=tl.int32), mask=offs_e < num_experts)
-    tl.debug_barrier()
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        key, valid = _pair_key(topk_ids_ptr, token_slot_ptr, offs_n, mask_n, TOPK, base_experts,
-                               num_experts, HAS_SLOT)
-        rank = tl.atomic_add(counts_ptr + key, tl.full([BLOCK_N], 1, tl.int32), mask=valid)
-        tl.store(rank_ptr + offs_n, rank, mask=mask_n)
-    tl.debug_barrier()
-    carry = tl.zeros([], dtype=tl.int32)
-    for e0 in range(0, num_experts, BLOCK_E):
-        offs_e = e0 + tl.arange(0, BLOCK_E)
-        mask_e = offs_e < num_experts
-        cnt = tl.load(counts_ptr + offs_e, mask=mask_e, other=0, volatile=True)
-        padded = (cnt + block_m - 1) // block_m * block_m
-        start = tl.cumsum(padded, axis=0) + carry - padded
-        tl.store(starts_ptr + offs_e, start, mask=mask_e)
-        # owner of each of the expert's blocks, then the pads after its count (runs are disjoint)
-        nblocks = padded // block_m
-        for j in range(0, tl.max(nblocks, axis=0)):
-            tl.store(block_expert_ptr + start // block_m + j, offs_e, mask=mask_e & (j < nblocks))
-        for j in range(0, block_m - 1):
-            tl.store(sorted_ids_ptr + start + cnt + j, tl.zeros_like(offs_e) + N, mask=mask_e & (cnt + j < padded))
-        carry += tl.sum(padded, axis=0)
-    tl.store(num_padded_ptr, carry)
-    # past the device-side count: no block, pad markers
-    _fill_past(block_expert_ptr, sorted_ids_ptr, carry, N, block_m, max_blocks, BLOCK_B)
-    tl.debug_barrier()
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        key, valid = _pair_key(topk_ids_ptr, token_slot_ptr, offs_n, mask_n, TOPK, base_experts,
-                               num_experts, HAS_SLOT)
-        rank = tl.load(rank_ptr + offs_n, mask=valid, other=0, volatile=True)
-        run_start = tl.load(starts_ptr + key, mask=valid, other=0, volatile=True)
-        tl.store(sorted_ids_ptr + run_start + rank, offs_n, mask=valid)
-        _store_slots(row_slots_ptr, sorted_slot_ptr, run_start + rank, offs_n, valid, TOPK, SLOT_OUT)
+        tl.store(sorted_ids_ptr + offs_p, tl.zeros_like(offs_p) + N, mask=offs_p < max_blocks * block_m)
 
 
 @triton.jit
@@ -273,7 +206,7 @@ def _moe_align_small_kernel(
     dest = tl.gather(starts, key, 0) + rank
     # pads everywhere (from position 0: the scatter below overwrites the pairs' places), block owners,
     # -1 past the count
-    _fill_past(block_expert_ptr, sorted_ids_ptr, total, N, block_m, max_blocks, BLOCK_B, PAD_FROM_ZERO=True)
+    _fill_past(block_expert_ptr, sorted_ids_ptr, total, N, block_m, max_blocks, BLOCK_B)
     nblocks = padded // block_m
     for j in tl.static_range(MAX_RUN_BLOCKS):
         tl.store(block_expert_ptr + starts // block_m + j, offs_e, mask=j < nblocks)

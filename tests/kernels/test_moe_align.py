@@ -68,11 +68,12 @@ CASES = [
     (9, 8, 65536, 16, 0, 65536),  # no cap on the number of experts
     (17, 2, 5, 3, 0, 5),  # block_m not a power of two
     (300, 2, 4, 8, 0, 4),  # many pairs per expert, several scatter programs
-    (16, 8, 128, 16, -1, 130),  # the small path's largest input (128 pairs), sentinels both sides
+    (8, 8, 128, 16, -1, 130),  # the small path's largest input (64 pairs), sentinels both sides
+    (16, 8, 128, 16, -1, 130),  # 128 pairs: past the small path
     (3, 8, 1023, 16, 0, 1023),  # the small path's most experts
     (11, 8, 6, 16, 0, 6),  # 88 pairs on 6 experts: runs of several blocks
 ]
-PATHS = ["multi", "one_program", "small"]
+PATHS = ["multi", "small"]
 
 
 def _fits(path: str, T: int, k: int, E: int) -> bool:
