@@ -194,7 +194,7 @@ def moe_align(
             ids, slot_arg, out.sorted_ids, out.block_expert, out.num_padded, rows_src, rows_dst,
             num_pairs, topk, base_experts or num_experts, num_experts, block_m, max_blocks,
             HAS_SLOT=has_slot, SLOT_OUT=slot_out, BLOCK_N=block_n, BLOCK_E=triton.next_power_of_2(num_experts + 1), BLOCK_B=1024,
-            MAX_RUN_BLOCKS=triton.cdiv(block_n, block_m), num_warps=8 if block_n > 64 else 4, USE_PDL=use_pdl(device),
+            MAX_RUN_BLOCKS=triton.cdiv(block_n, block_m), num_warps=4, USE_PDL=use_pdl(device),
         )
         return out
     counts = torch.zeros(num_experts + zeros, dtype=torch.int32, device=device)

@@ -161,7 +161,7 @@ def _store_slots(row_slots_ptr, sorted_slot_ptr, dest, offs_n, valid, TOPK, SLOT
 
 
 @triton.jit
-def _fill_past(block_expert_ptr, sorted_ids_ptr, total, N, block_m, max_blocks, BLOCK_B: tl.constexpr):
+def _fill_pads(block_expert_ptr, sorted_ids_ptr, total, N, block_m, max_blocks, BLOCK_B: tl.constexpr):
     """block_expert = -1 for the blocks past the padded count `total`; sorted_ids = the pad marker N
     everywhere (the caller's scatter then overwrites the pairs' places)."""
     total_blocks = total // block_m
@@ -206,7 +206,7 @@ def _moe_align_small_kernel(
     dest = tl.gather(starts, key, 0) + rank
     # pads everywhere (from position 0: the scatter below overwrites the pairs' places), block owners,
     # -1 past the count
-    _fill_past(block_expert_ptr, sorted_ids_ptr, total, N, block_m, max_blocks, BLOCK_B)
+    _fill_pads(block_expert_ptr, sorted_ids_ptr, total, N, block_m, max_blocks, BLOCK_B)
     nblocks = padded // block_m
     for j in tl.static_range(MAX_RUN_BLOCKS):
         tl.store(block_expert_ptr + starts // block_m + j, offs_e, mask=j < nblocks)
