@@ -103,7 +103,7 @@ def virtual_expert_ids_ref(topk_ids: torch.Tensor, token_slot: torch.Tensor, num
 # on num_experts. Decode sizes take one launch, everything in registers (<= 64 pairs, < 1024 experts).
 # (A one-program version of the three passes for <= 1024 pairs was dropped: its phases run one after another
 # in one CTA, and on an H100 it took 8-36 us where these launches take 6-7, e.g. Qwen3-30B-A3B at 128 tokens
-# 414.3 -> 408.3 us for the whole layer; docs/BENCHMARKS.md.)
+# 414.3 -> 408.3 us for the whole layer; docs/KERNEL_NOTES.md.)
 # ----------------------------------------------------------------------------------------------------
 
 import triton  # noqa: E402
