@@ -17,9 +17,11 @@ Keyword-only, both implementations (the reference ignores the first and last):
                   heuristic by pairs per expert). Keys: BLOCK_M, BLOCK_N_GU, BLOCK_K_GU, BLOCK_N_D,
                   BLOCK_K_D, GROUP_M, num_warps, num_stages, SPLIT (LoRA shrink K-split), and optionally
                   STACK_ELEMS (LoRA epilogue slot stacking), LORA_K (1: the LoRA as K steps of the GEMMs,
-                  see kernels/moe_lora.py), SHRINK_M (rows per LoRA shrink program, a divisor of BLOCK_M)
-                  and PREFETCH (1: the epilogue path's LoRA B / down_A / down_B tiles of the slots present in a
-                  block are issued before the GEMMs' main loops; decode)
+                  see kernels/moe_lora.py), SHRINK_M (rows per LoRA shrink program, a divisor of BLOCK_M),
+                  COMPACT (with LORA_K, 1 / 0: the K steps stacked by each block's own slots rather than by
+                  every registered slot; default: moe_lora.use_compact) and PREFETCH (1: the
+                  epilogue path's LoRA B / down_A / down_B tiles of the slots present in a block are issued
+                  before the GEMMs' main loops; decode)
 
 The Triton path is sync-free; its results are bitwise repeatable (the top-k sum has a fixed order).
 """
@@ -38,6 +40,7 @@ from lorax.kernels.moe_align import interpreting, max_padded_size, moe_align, vi
 from lorax.kernels.moe_down_kernels import _down_kernel
 from lorax.kernels.moe_lora import (
     MoELoraArgs,
+    compact_width,
     lora_block_r,
     moe_lora_down_ref,
     moe_lora_down_shrink,
@@ -45,6 +48,7 @@ from lorax.kernels.moe_lora import (
     moe_lora_shrink,
     shrink_sub_m,
     slot_group,
+    use_compact,
 )
 from lorax.kernels.moe_topk_sum_kernels import _topk_sum_kernel
 
@@ -165,7 +169,8 @@ def _buffer_specs(T: int, topk: int, H: int, I: int, dtype: torch.dtype, lora: M
     S = lora.gate_up_A.shape[0]
     br = lora_block_r(lora.gate_up_A.shape[2] // 2)
     if _lora_k_step(lora, cfg):
-        return [((N, I + S * br), dtype), ((N, H), dtype), ((N, 2, S, br), dtype)] + [((0,), f32)] * 3
+        cw = compact_width(S, cfg["BLOCK_M"], _lora_compact(lora, cfg, N))
+        return [((N, I + cw * br), dtype), ((N, H), dtype), ((N, 2, cw, br), dtype)] + [((0,), f32)] * 3
     specs: list[tuple[tuple[int, ...], torch.dtype]] = [((N, I), dtype), ((N, H), dtype)]
     shared = lora.shared_gate_up_A is not None or lora.shared_down_B is not None
     nt = triton.cdiv(I, cfg["BLOCK_N_GU"])
@@ -181,6 +186,17 @@ def _lora_k_step(lora: MoELoraArgs | None, cfg: dict[str, int]) -> bool:
     shared-outer adapters) rather than in their epilogues."""
     return (lora is not None and bool(cfg.get("LORA_K", 0)) and cfg["SPLIT"] == 1
             and lora.shared_gate_up_A is None and lora.shared_down_B is None)
+
+
+def _lora_compact(lora: MoELoraArgs | None, cfg: dict[str, int], pairs: int) -> bool:
+    """Whether the LoRA K step stacks each block's z by the block's own slots instead of by every registered
+    slot (config key COMPACT, else `use_compact` from the slots, the block rows and the pairs per expert)."""
+    if lora is None or not _lora_k_step(lora, cfg):
+        return False
+    if "COMPACT" in cfg:
+        return bool(cfg["COMPACT"])
+    S, E = lora.gate_up_A.shape[:2]
+    return use_compact(S, cfg["BLOCK_M"], pairs, E)
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -262,6 +278,7 @@ def fused_moe(
     slot = lora.token_slot.contiguous() if lora is not None else ids  # (without LoRA: a pointer never read)
     # with LoRA the alignment also lays out each row's adapter slot beside its pair id (sorted_slot)
     k_step = _lora_k_step(lora, cfg)
+    compact = _lora_compact(lora, cfg, T * topk)
     # (K step mode: per-block counters, zeroed with the alignment's counts: the gate_up kernel's I tiles stored,
     # then the down shrink's parts; the down shrink and the down kernel start each block on them)
     max_blocks = max_padded_size(T * topk, E, bm) // bm
@@ -305,7 +322,8 @@ def fused_moe(
             sh_b = lora.shared_down_B if lora.shared_down_B is not None else zero_b
             lora = lora._replace(shared_gate_up_A=sh_a, shared_down_B=sh_b)
         moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, topk, bm, cfg["SPLIT"],
-                        buf.zgu, buf.zsh if has_shared else None, stacked=k_step, sub_m=cfg.get("SHRINK_M"),
+                        buf.zgu, buf.zsh if has_shared else None, stacked=k_step, compact=compact,
+                        sub_m=cfg.get("SHRINK_M"),
                         cast_fp32=cast, dot_prec=prec)
     nt_gu = triton.cdiv(I, cfg["BLOCK_N_GU"])
     sg = slot_group(S, bm, br, cfg.get("STACK_ELEMS", STACK_ELEMS))
@@ -321,12 +339,13 @@ def fused_moe(
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=cfg["BLOCK_K_GU"], GROUP_M=cfg["GROUP_M"],
         HAS_LORA=has_lora, HAS_SHARED=has_shared, SPLIT=cfg["SPLIT"], BLOCK_R=br, SG=sg,
         EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, PREFETCH=prefetch,
-        **launch,
+        COMPACT=compact, CW=compact_width(S, bm, compact), CP=triton.next_power_of_2(max(1, min(S, bm))), **launch,
     )
     if k_step:
         assert lora is not None
         moe_lora_down_shrink(buf.act, lora, align.sorted_ids, align.block_expert, align.num_padded, topk, bm,
-                             act_ready, zd_ready, nt_gu, sub_m=cfg.get("SHRINK_M"), block_k=min(64, cfg["BLOCK_K_D"]),
+                             act_ready, zd_ready, nt_gu, compact=compact, sub_m=cfg.get("SHRINK_M"),
+                             block_k=min(64, cfg["BLOCK_K_D"]),
                              cast_fp32=cast, dot_prec=prec)
     _down_kernel[(max_blocks * triton.cdiv(H, cfg["BLOCK_N_D"]),)](
         buf.act, w2, buf.ypair, weights, align.sorted_ids, align.block_expert, align.num_padded,
@@ -338,7 +357,8 @@ def fused_moe(
         HAS_LORA=has_lora, HAS_SHARED=has_shared, BLOCK_R=br, NT_GU=nt_gu, NT_CHUNK=nt_chunk, SG=sg,
         EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, ONE_GROUP=sg >= S,
         PREFETCH=prefetch, WAIT_READY=k_step and pdl,
-        HOIST_Z=nt_p2 if bm * nt_p2 * br <= HOIST_Z_ELEMS else 0, **launch,
+        HOIST_Z=nt_p2 if bm * nt_p2 * br <= HOIST_Z_ELEMS else 0, COMPACT=compact,
+        CP=triton.next_power_of_2(max(1, min(S, bm))), **launch,
     )
     block_t = 16
     block_h = min(256, triton.next_power_of_2(H))

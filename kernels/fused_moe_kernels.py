@@ -48,10 +48,43 @@ def _stack(z, BLOCK_M: tl.constexpr, SG: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R: tl.constexpr):
-    """Pointers and mask of a LoRA K step's B tile [len(j), BLOCK_N]: stacked column j = s*BLOCK_R + r reads
-    B[s, :, :, r] of the block's expert (b_cols: [1, BLOCK_N] at s = r = 0); zero past KW and rank R."""
-    ptrs = b_cols + (j // BLOCK_R).to(tl.int64)[:, None] * stride_bs + (j % BLOCK_R)[:, None] * stride_br
+def _compact_slots(slot, BLOCK_M: tl.constexpr, CP: tl.constexpr):
+    """The distinct adapter slots of a block's rows, in order of first appearance: cslot [CP] (-1 from n on),
+    each row's index into it (cidx [BLOCK_M], -1 for rows without an adapter) and their number n.
+
+    The LoRA K step stacks a block's z by this index, not by slot, so that its width follows the slots the
+    block holds (at most min(S, BLOCK_M), CP >= that) instead of every registered slot: with 40 adapters a
+    decode block of a few rows reads a few slots' B, not 40. A pure function of the block's slots (in row
+    order), so the shrinks and the GEMMs that compute it on their own agree."""
+    offs = tl.arange(0, BLOCK_M)
+    seen = tl.max(((slot[:, None] == slot[None, :]) & (offs[None, :] < offs[:, None])).to(tl.int32), axis=1)
+    first = (slot >= 0) & (seen == 0)
+    rank = tl.cumsum(first.to(tl.int32), axis=0) - 1
+    n = tl.sum(first.to(tl.int32), axis=0)
+    offs_c = tl.arange(0, CP)
+    cslot = tl.sum(tl.where(first[None, :] & (rank[None, :] == offs_c[:, None]), slot[None, :], 0), axis=1)
+    cslot = tl.where(offs_c < n, cslot, -1)
+    cidx = tl.sum(tl.where(slot[:, None] == cslot[None, :], offs_c[None, :], 0), axis=1)
+    return cslot, tl.where(slot >= 0, cidx, -1), n
+
+
+@triton.jit
+def _column_slots(cslot, q, CP: tl.constexpr, COMPACT: tl.constexpr):
+    """Adapter slot of stacked column block q (a tensor): cslot[q] when compacted, else q itself."""
+    if COMPACT:
+        return tl.gather(cslot, tl.minimum(q, CP - 1), 0)
+    else:
+        return q
+
+
+@triton.jit
+def _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R: tl.constexpr, cslot=None, CP: tl.constexpr = 1,
+               COMPACT: tl.constexpr = False):
+    """Pointers and mask of a LoRA K step's B tile [len(j), BLOCK_N]: stacked column j = c*BLOCK_R + r reads
+    B[s, :, :, r] of the block's expert, s = c or (COMPACT) the block's c-th slot cslot[c] (b_cols: [1, BLOCK_N]
+    at s = r = 0); zero past KW and rank R."""
+    sj = _column_slots(cslot, j // BLOCK_R, CP, COMPACT)
+    ptrs = b_cols + sj.to(tl.int64)[:, None] * stride_bs + (j % BLOCK_R)[:, None] * stride_br
     return ptrs, ((j < KW) & (j % BLOCK_R < R))[:, None] & mask_n[None, :]
 
 
@@ -81,8 +114,11 @@ def _gate_up_kernel(
     SG: tl.constexpr,  # slots stacked per LoRA dot (power of two)
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,  # with LoRA the previous launch is the shrink: only the epilogue waits for it
-    LORA_K: tl.constexpr = False,  # LoRA K step mode: zgu is the stacked z [N, 2, S, BLOCK_R] (x.dtype)
+    LORA_K: tl.constexpr = False,  # LoRA K step mode: zgu is the stacked z [N, 2, CW, BLOCK_R] (x.dtype)
     PREFETCH: tl.constexpr = False,  # S <= SG: the present slots' B and down_A tiles issued before the main loop
+    COMPACT: tl.constexpr = False,  # LORA_K: z stacked by the block's own slots (_compact_slots), not by slot
+    CW: tl.constexpr = 1,  # LORA_K: column blocks of the stacked z per part (S, or min(S, BLOCK_M) with COMPACT)
+    CP: tl.constexpr = 1,  # COMPACT: next power of two >= CW
 ):
     if HAS_LORA:
         # the shrink writes only zgu/zsh, read after pdl_wait below: the main loop overlaps it
@@ -147,16 +183,22 @@ def _gate_up_kernel(
             # more K columns read like the main loop's (zeros outside each row's slot: no masks by slot)
             if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it
                 pdl_wait(USE_PDL)
-                KW = S * BLOCK_R
-                z_rows = zgu_ptr + rows.to(tl.int64)[:, None] * (2 * KW)
+                cslot = slot  # (unused without COMPACT)
+                if COMPACT:
+                    cslot, _, n_c = _compact_slots(slot, BLOCK_M, CP)
+                    KW = n_c * BLOCK_R
+                else:
+                    KW = S * BLOCK_R
+                z_rows = zgu_ptr + rows.to(tl.int64)[:, None] * (2 * CW * BLOCK_R)
                 b_cols = gu_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn  # [1, BLOCK_N]
                 for j0 in tl.range(0, KW, BLOCK_K, num_stages=1):
                     j = j0 + offs_k
                     mask_j = j < KW
                     m_z = mask_m[:, None] & mask_j[None, :]
                     zg = tl.load(z_rows + j[None, :], mask=m_z, other=0.0)
-                    zu = tl.load(z_rows + KW + j[None, :], mask=m_z, other=0.0)
-                    b_ptrs, m_b = _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R)
+                    zu = tl.load(z_rows + CW * BLOCK_R + j[None, :], mask=m_z, other=0.0)
+                    b_ptrs, m_b = _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R, cslot, CP,
+                                             COMPACT)
                     bg = tl.load(b_ptrs, mask=m_b, other=0.0)
                     bu = tl.load(b_ptrs + I * stride_bn, mask=m_b, other=0.0)
                     if CAST_FP32:

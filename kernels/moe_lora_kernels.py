@@ -3,7 +3,7 @@
     _moe_lora_shrink_kernel       launch 1: z of the gate_up A per expert block (and the shared-outer A per
                                   token), K-split partials or, in the K step mode, stacked by slot
     _moe_lora_down_shrink_kernel  K step mode, between the GEMMs: z_d of the down A into act's extra columns
-and the helpers they share (`_shrink_rows`, `_block_has_adapter_rows`).
+and the helpers they share (`_shrink_rows`, `_block_slots`, `_sub_block_compaction`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from lorax.kernels._common import pdl_trigger, pdl_wait, wait_count
+from lorax.kernels.fused_moe_kernels import _column_slots, _compact_slots
 
 
 @triton.jit
@@ -24,20 +25,30 @@ def _shrink_rows(
     SG: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     PARTS: tl.constexpr = 2,  # 2: A rows [0, R) gate and [R, 2R) up; 1: one z per row (the down shrink)
     STACKED: tl.constexpr = False,
+    cidx=None, cslot=None, n_c=0,  # COMPACT: the rows' indices into the block's slots, those slots, their number
+    CW: tl.constexpr = 0,  # STACKED: column blocks per part (S, or with COMPACT min(S, block rows))
+    CP: tl.constexpr = 1, COMPACT: tl.constexpr = False,
 ):
     """z of A[slot(row)] x[xrow] over this program's K chunk, for every row of the block.
 
     Slots are stacked SG at a time along the dot's N axis (column g*BLOCK_R + r = row r of slot s0 + g's
-    A, zero when that slot is absent from the block), so one K loop serves every slot of a group.
+    A, zero when that slot is absent from the block), so one K loop serves every slot of a group. With
+    COMPACT the stacking runs over the block's own slots instead (`_compact_slots`: column block c holds the
+    block's c-th distinct slot), so the groups follow the slots present, not every registered one.
     Output layouts:
       STACKED False  out[row, pid_k, part, :BLOCK_R] fp32: each row keeps its own slot's column block
                      (rows whose slot is -1 are not written)
-      STACKED True   out[row * stride_out + part * S*BLOCK_R + s*BLOCK_R + r], out's dtype, SPLIT 1: the
-                     row's z in its own slot's column block and zeros in every other slot's (rows whose
-                     slot is -1 get zeros), i.e. the extra K columns the GEMMs' LoRA K step reads
+      STACKED True   out[row * stride_out + part * CW*BLOCK_R + c*BLOCK_R + r], out's dtype, SPLIT 1: the
+                     row's z in its own column block c (its slot, or with COMPACT its slot's index in the
+                     block) and zeros in every other (rows whose slot is -1 get zeros), i.e. the extra K
+                     columns the GEMMs' LoRA K step reads (COMPACT: only the first n_c blocks are written)
     """
     pid_k = tl.program_id(1)
     slot = tl.load(token_slot_ptr + token, mask=mask_m, other=-1)
+    n_keys = S
+    if COMPACT:
+        slot = cidx
+        n_keys = n_c
     offs_r = tl.arange(0, BLOCK_R)
     offs_q = tl.arange(0, SG * BLOCK_R)
     q_s = offs_q // BLOCK_R
@@ -48,7 +59,7 @@ def _shrink_rows(
     x_rows = x_ptr + xrow.to(tl.int64)[:, None] * stride_xt
     out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * (SPLIT * PARTS * BLOCK_R) + pid_k * PARTS * BLOCK_R + offs_r[None, :]
     st_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out + offs_q[None, :]
-    for s0 in range(0, S, SG):
+    for s0 in range(0, n_keys, SG):
         sel = slot[:, None] == (s0 + q_s)[None, :]  # [BLOCK_M, SG*BLOCK_R]
         present = tl.max(sel.to(tl.int32), axis=0) > 0  # [SG*BLOCK_R]
         acc_g = tl.zeros([BLOCK_M, SG * BLOCK_R], dtype=tl.float32)
@@ -56,7 +67,8 @@ def _shrink_rows(
         rows_in = tl.max(sel.to(tl.int32), axis=1) > 0  # rows whose slot is in the group
         if tl.max(present.to(tl.int32), axis=0) > 0:  # some slot of the group is in this block
             # A rows [0, R) gate, [R, 2R) up, read transposed and stacked: [BLOCK_K, SG*BLOCK_R]
-            a_cols = a_ptr + (s0 + q_s).to(tl.int64)[None, :] * stride_a_s + q_r[None, :] * stride_a_r
+            a_cols = (a_ptr + _column_slots(cslot, s0 + q_s, CP, COMPACT).to(tl.int64)[None, :] * stride_a_s
+                      + q_r[None, :] * stride_a_r)
             m_q = (present & (q_r < R))[None, :]
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 ks = k0 + offs_k
@@ -82,20 +94,32 @@ def _shrink_rows(
                     zu = tl.sum(tl.reshape(tl.where(sel, acc_u, 0.0), [BLOCK_M, SG, BLOCK_R]), axis=1)
                     tl.store(out_ptrs + BLOCK_R, zu, mask=m_out)
         if STACKED:  # every group's columns, zeros where the group is absent
-            m_st = mask_m[:, None] & ((s0 + q_s) < S)[None, :]
+            m_st = mask_m[:, None] & ((s0 + q_s) < n_keys)[None, :]
             dst = st_ptrs + s0 * BLOCK_R
             tl.store(dst, tl.where(sel, acc_g, 0.0).to(out_ptr.dtype.element_ty), mask=m_st)
             if PARTS == 2:
-                tl.store(dst + S * BLOCK_R, tl.where(sel, acc_u, 0.0).to(out_ptr.dtype.element_ty), mask=m_st)
+                tl.store(dst + CW * BLOCK_R, tl.where(sel, acc_u, 0.0).to(out_ptr.dtype.element_ty), mask=m_st)
 
 
 @triton.jit
-def _block_has_adapter_rows(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M: tl.constexpr):
-    """Whether expert block blk holds a pair whose token has an adapter: the test by which the GEMMs run
-    or skip their LoRA K step, so the shrinks that feed it decide on the whole block too."""
+def _block_slots(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M: tl.constexpr):
+    """The adapter slot of each row of expert block blk (-1 for pads and rows without an adapter), as the
+    GEMMs read them, and whether any is >= 0: the test by which the GEMMs run or skip their LoRA K step, so
+    the shrinks that feed it decide on the whole block too."""
     rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))
     slot = tl.load(token_slot_ptr + rows // TOPK, mask=rows < N, other=-1)
-    return tl.max((slot >= 0).to(tl.int32), axis=0) > 0
+    return slot, tl.max((slot >= 0).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _sub_block_compaction(slot_b, sub, SUB_M: tl.constexpr, BLOCK_M: tl.constexpr, CP: tl.constexpr,
+                          COMPACT: tl.constexpr):
+    """(COMPACT) The block's distinct slots and the indices of sub-block `sub`'s rows into them."""
+    if COMPACT:
+        cslot, cidx_b, n_c = _compact_slots(slot_b, BLOCK_M, CP)
+        return cslot, tl.gather(cidx_b, sub * SUB_M + tl.arange(0, SUB_M), 0), n_c
+    else:
+        return slot_b, slot_b, 0
 
 
 @triton.jit
@@ -119,8 +143,11 @@ def _moe_lora_shrink_kernel(
     SG: tl.constexpr,  # slots stacked per dot (power of two)
     HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
-    STACKED: tl.constexpr = False,  # zgu is the [N, 2, S, BLOCK_R] stacked z (x.dtype) of the LoRA K step
+    STACKED: tl.constexpr = False,  # zgu is the [N, 2, CW, BLOCK_R] stacked z (x.dtype) of the LoRA K step
     SUB_M: tl.constexpr = 0,  # rows per program (a divisor of BLOCK_M; 0: BLOCK_M)
+    COMPACT: tl.constexpr = False,  # STACKED: stacked by the block's own slots (fused_moe_kernels._compact_slots)
+    CW: tl.constexpr = 0,  # STACKED: column blocks per part: S, or min(S, BLOCK_M) with COMPACT
+    CP: tl.constexpr = 1,  # COMPACT: a power of two >= min(S, BLOCK_M)
 ):
     # grid: (max_blocks * BLOCK_M / SUB_M [+ token blocks of SUB_M when HAS_SHARED], SPLIT)
     pdl_wait(USE_PDL)  # the alignment
@@ -138,14 +165,19 @@ def _moe_lora_shrink_kernel(
             rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + (pid % NSUB) * SM + offs_m)  # pair ids, N = padding
             token = rows // TOPK
             run = True
+            cslot = rows  # (COMPACT only)
+            cidx = rows
+            n_c = 0
             if STACKED:  # only blocks with adapter rows (the whole block's): the GEMMs skip the others' K step
-                run = _block_has_adapter_rows(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M)
+                slot_b, run = _block_slots(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M)
+                cslot, cidx, n_c = _sub_block_compaction(slot_b, pid % NSUB, SM, BLOCK_M, CP, COMPACT)
             if run:
                 _shrink_rows(
                     x_ptr, gu_a_ptr + expert.to(tl.int64) * stride_ae, zgu_ptr, token_slot_ptr,
-                    rows, rows < N, token, token, H, S, R, k_chunk, 2 * S * BLOCK_R,
+                    rows, rows < N, token, token, H, S, R, k_chunk, 2 * CW * BLOCK_R,
                     stride_xt, stride_xh, stride_as, stride_ar, stride_ah,
                     SM, BLOCK_K, BLOCK_R, SPLIT, SG, CAST_FP32, DOT_PREC, 2, STACKED,
+                    cidx, cslot, n_c, CW, CP, COMPACT,
                 )
     elif HAS_SHARED:
         # role 2: one block of tokens against the shared-outer A (once per token, not per pair)
@@ -160,7 +192,7 @@ def _moe_lora_shrink_kernel(
 
 @triton.jit
 def _moe_lora_down_shrink_kernel(
-    act_ptr,  # [N, I + S*BLOCK_R]: columns [0, I) the activation (read), [I, I + S*BLOCK_R) z_d stacked (out)
+    act_ptr,  # [N, I + CW*BLOCK_R]: columns [0, I) the activation (read), [I, I + CW*BLOCK_R) z_d stacked (out)
     d_a_ptr,  # [S, E, R, I]
     token_slot_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
     act_ready_ptr,  # [max_blocks] int32: I tiles of each block whose act is stored (the gate_up kernel counts)
@@ -170,9 +202,13 @@ def _moe_lora_down_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SG: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
     SUB_M: tl.constexpr,  # rows per program (a divisor of BLOCK_M)
+    COMPACT: tl.constexpr = False,  # stacked by the block's own slots, as the gate_up shrink
+    CW: tl.constexpr = 0,  # column blocks of z_d: S, or min(S, BLOCK_M) with COMPACT
+    CP: tl.constexpr = 1,  # COMPACT: a power of two >= min(S, BLOCK_M)
 ):
-    """LoRA K step mode: z_d = down_A[s, e] a per pair, stacked by slot into act's extra columns (SUB_M
-    rows of one expert block per program; blocks without adapter rows do nothing).
+    """LoRA K step mode: z_d = down_A[s, e] a per pair, stacked by slot (or with COMPACT by the block's own
+    slots) into act's extra columns (SUB_M rows of one expert block per program; blocks without adapter
+    rows do nothing).
 
     A block starts once the gate_up kernel has stored all nt_gu I tiles of its act (act_ready[blk], acquire),
     not when that whole grid ends: the programs run beside its last ones. This launch is let in (PDL) only
@@ -187,15 +223,18 @@ def _moe_lora_down_shrink_kernel(
     live = blk * BLOCK_M < tl.load(num_padded_ptr)
     expert = tl.load(block_expert_ptr + blk)
     if live & (expert >= 0):  # noqa: SIM102 - the inner test reads the block, valid only when live
-        if _block_has_adapter_rows(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M):  # the down GEMM's test
+        slot_b, run = _block_slots(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M)
+        if run:  # the down GEMM's test
             if USE_PDL:
                 wait_count(act_ready_ptr + blk, nt_gu)
             rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + (pid % NSUB) * SUB_M + tl.arange(0, SUB_M))
+            cslot, cidx, n_c = _sub_block_compaction(slot_b, pid % NSUB, SUB_M, BLOCK_M, CP, COMPACT)
             _shrink_rows(
                 act_ptr, d_a_ptr + expert.to(tl.int64) * stride_de, act_ptr + I, token_slot_ptr,
                 rows, rows < N, rows // TOPK, rows, I, S, R, I, stride_am,
                 stride_am, 1, stride_ds, stride_dr, stride_di,
                 SUB_M, BLOCK_K, BLOCK_R, 1, SG, CAST_FP32, DOT_PREC, 1, True,
+                cidx, cslot, n_c, CW, CP, COMPACT,
             )
             if USE_PDL:
                 tl.debug_barrier()  # every thread's z_d stores precede the release below

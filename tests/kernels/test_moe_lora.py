@@ -13,7 +13,7 @@ from test_fused_moe import TOL, assert_close, make_moe, ref_fp32
 
 from lorax.kernels.fused_moe import fused_moe
 from lorax.kernels.moe_align import moe_align
-from lorax.kernels.moe_lora import MoELoraArgs, lora_block_r, moe_lora_shrink
+from lorax.kernels.moe_lora import MoELoraArgs, lora_block_r, moe_lora_shrink, use_compact
 
 
 def make_lora(T: int, H: int, I: int, E: int, ranks: list[int | None], slots: torch.Tensor,
@@ -166,6 +166,78 @@ def test_lora_k_step_matches_ref(device: str, dtype: torch.dtype, name: str, T: 
     assert_close(fused_moe(x, w13, w2, w, ids, lora, config=cfg), ref, dtype)
 
 
+# (name, T, E, k, number of slots, BLOCK_M, BLOCK_K, SHRINK_M): more slots than a block has rows (the
+# stacked width is then BLOCK_M column blocks), sub-block shrink programs, several K steps
+COMPACT_CASES = [
+    ("20 slots, 16-row blocks", 19, 2, 2, 20, 16, 32, None),
+    ("11 slots, 32-row blocks in 16-row shrink parts", 29, 3, 2, 11, 32, 16, 16),
+    ("3 slots, one expert", 9, 1, 1, 3, 16, 64, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,T,E,k,S,bm,bk,sub_m", COMPACT_CASES)
+def test_lora_k_step_compact_matches_ref(device: str, dtype: torch.dtype, name: str, T: int, E: int, k: int,
+                                         S: int, bm: int, bk: int, sub_m: int | None) -> None:
+    """The K step stacked by each block's own slots (COMPACT) equals the reference and the K step stacked by
+    every slot, with mixed ranks, empty slots and tokens without an adapter."""
+    H, I = 40, 24
+    x, w13, w2, w, ids = make_moe(T, H, I, E, k, dtype, device, -1, E + 1)
+    ranks = [[1, 16, 4, None, 8][s % 5] for s in range(S)]
+    lora = make_lora(T, H, I, E, ranks, _slots("mixed", T, S), dtype, device)
+    cfg = dict(BLOCK_M=bm, BLOCK_N_GU=16, BLOCK_K_GU=bk, BLOCK_N_D=16, BLOCK_K_D=bk, GROUP_M=2, SPLIT=1,
+               num_warps=4, num_stages=1, LORA_K=1, **({"SHRINK_M": sub_m} if sub_m else {}))
+    got = fused_moe(x, w13, w2, w, ids, lora, config={**cfg, "COMPACT": 1})
+    assert_close(got, ref_fp32(x, w13, w2, w, ids, lora), dtype)
+    assert_close(got, fused_moe(x, w13, w2, w, ids, lora, config={**cfg, "COMPACT": 0}), dtype)
+
+
+def test_compact_stacked_shrink_layout(device: str) -> None:
+    """moe_lora_shrink(stacked=True, compact=True): a row's z sits in the column block of its slot's index
+    among the block's distinct slots (in order of first appearance in the block), zeros in the block's other
+    column blocks; rows with slot -1 get zeros; blocks without adapter rows are not written."""
+    T, H, E, k, S, R = 10, 24, 2, 1, 6, 4
+    br = lora_block_r(R)
+    x = torch.randn(T, H, device=device)
+    ids = torch.tensor([[0]] * 7 + [[1]] * 3, dtype=torch.int32, device=device)  # expert 1: tokens 7..9
+    slot = torch.tensor([5, 2, 5, -1, 0, 2, 5, -1, -1, -1], dtype=torch.int32, device=device)
+    gu_a = torch.randn(S, E, 2 * R, H, device=device)
+    lora = MoELoraArgs(slot, gu_a, torch.zeros(S, E, 2, R, device=device), torch.zeros(S, E, R, 2, device=device),
+                       torch.zeros(S, E, H, R, device=device))
+    align = moe_align(ids, E, 16, row_slots=slot)
+    cw = min(S, 16)
+    out = torch.full((T * k, 2, cw, br), 7.0, device=device)
+    moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, k, 16, 1, out, None,
+                    stacked=True, compact=True)
+    order = [int(slot[int(n)]) for n in align.sorted_ids[:16].tolist() if n < T * k]  # block 0's rows in order
+    distinct = [s for i, s in enumerate(order) if s >= 0 and s not in order[:i]]
+    assert distinct and len(distinct) < S
+    for n in range(T * k):
+        t = n // k
+        if t >= 7:
+            assert torch.equal(out[n], torch.full_like(out[n], 7.0)), f"pair {n}: block without adapter rows written"
+            continue
+        s = int(slot[t])
+        want = torch.zeros(2, len(distinct), br, device=device)
+        if s >= 0:
+            z = gu_a[s, 0] @ x[t]
+            c = distinct.index(s)
+            want[0, c, :R], want[1, c, :R] = z[:R], z[R:]
+        torch.testing.assert_close(out[n, :, :len(distinct)], want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="compact"):
+        moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, k, 16, 1, out, None,
+                        compact=True)
+
+
+def test_use_compact_follows_the_share_of_slots_a_block_holds() -> None:
+    """Compaction where a block holds few of the registered slots (many adapters, few rows a block), not
+    where every block holds them all, and never for 128-row blocks."""
+    assert use_compact(40, 16, 64 * 8, 128)  # batch-64 decode step, 40 adapters
+    assert not use_compact(4, 16, 64 * 8, 128)  # 4 adapters: a block of 4 rows holds most of them
+    assert not use_compact(40, 128, 2048 * 8, 128)
+    assert not use_compact(1, 16, 8, 128)
+
+
 def test_lora_k_step_no_adapter_rows_and_shared_fallback(device: str) -> None:
     """K step mode with every slot -1 equals the base layer; with shared-outer adapters the config's LORA_K
     falls back to the epilogue path and still matches the reference."""
@@ -243,12 +315,16 @@ def test_moe_lora_gpu(dtype: torch.dtype, T: int, shape: tuple[int, int, int, in
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("T,bm,sub_m", [(96, 64, 32), (700, 128, 64), (2048, 128, None)])
-def test_lora_k_step_gpu(dtype: torch.dtype, T: int, bm: int, sub_m: int | None) -> None:
-    """The K step mode compiled for the GPU at the Qwen3-30B-A3B layer, 5 slots (two K steps)."""
+@pytest.mark.parametrize("T,bm,sub_m,S,compact", [(96, 64, 32, 5, 0), (700, 128, 64, 5, 0), (2048, 128, None, 5, 0),
+                                                   (64, 16, None, 40, 1), (512, 64, 32, 40, 1)])
+def test_lora_k_step_gpu(dtype: torch.dtype, T: int, bm: int, sub_m: int | None, S: int, compact: int) -> None:
+    """The K step mode compiled for the GPU at the Qwen3-30B-A3B layer: 5 slots (two K steps), and 40 slots
+    stacked by each block's own slots."""
     H, I, E, k = 2048, 768, 128, 8
     x, w13, w2, w, ids = make_moe(T, H, I, E, k, dtype, "cuda", -1, E)
-    lora = make_lora(T, H, I, E, [16, 8, 16, None, 1], _slots("mixed", T, 5), dtype, "cuda")
+    ranks = [16, 8, 16, None, 1] if S == 5 else [[16, 8, None, 4][s % 4] for s in range(S)]
+    lora = make_lora(T, H, I, E, ranks, _slots("mixed", T, S), dtype, "cuda")
     cfg = dict(BLOCK_M=bm, BLOCK_N_GU=64, BLOCK_K_GU=64, BLOCK_N_D=128, BLOCK_K_D=64, GROUP_M=8, SPLIT=1,
-               num_warps=8 if bm == 128 else 4, num_stages=3, LORA_K=1, **({"SHRINK_M": sub_m} if sub_m else {}))
+               num_warps=8 if bm == 128 else 4, num_stages=3, LORA_K=1, COMPACT=compact,
+               **({"SHRINK_M": sub_m} if sub_m else {}))
     assert_close(fused_moe(x, w13, w2, w, ids, lora, config=cfg), ref_fp32(x, w13, w2, w, ids, lora), dtype)
