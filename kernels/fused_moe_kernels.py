@@ -48,23 +48,23 @@ def _stack(z, BLOCK_M: tl.constexpr, SG: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _compact_slots(slot, BLOCK_M: tl.constexpr, CP: tl.constexpr):
-    """The distinct adapter slots of a block's rows, in order of first appearance: cslot [CP] (-1 from n on),
-    each row's index into it (cidx [BLOCK_M], -1 for rows without an adapter) and their number n.
+def _compact_slots(slot, BLOCK_M: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr):
+    """The distinct adapter slots of a block's rows, in ascending order: cslot [CP] (-1 from n on), each row's
+    index into it (cidx [BLOCK_M], -1 for rows without an adapter) and their number n. SP: a power of two
+    >= the number of registered slots (a histogram over them, so the cost follows the slots, not BLOCK_M^2).
 
     The LoRA K step stacks a block's z by this index, not by slot, so that its width follows the slots the
     block holds (at most min(S, BLOCK_M), CP >= that) instead of every registered slot: with 40 adapters a
-    decode block of a few rows reads a few slots' B, not 40. A pure function of the block's slots (in row
-    order), so the shrinks and the GEMMs that compute it on their own agree."""
-    offs = tl.arange(0, BLOCK_M)
-    seen = tl.max(((slot[:, None] == slot[None, :]) & (offs[None, :] < offs[:, None])).to(tl.int32), axis=1)
-    first = (slot >= 0) & (seen == 0)
-    rank = tl.cumsum(first.to(tl.int32), axis=0) - 1
-    n = tl.sum(first.to(tl.int32), axis=0)
+    decode block of a few rows reads a few slots' B, not 40. A pure function of the set of the block's slots,
+    so the shrinks and the GEMMs that compute it on their own agree."""
+    present = tl.histogram(tl.maximum(slot, 0), SP, mask=slot >= 0) > 0  # [SP]
+    rank = tl.cumsum(present.to(tl.int32), axis=0) - 1
+    n = tl.sum(present.to(tl.int32), axis=0)
     offs_c = tl.arange(0, CP)
-    cslot = tl.sum(tl.where(first[None, :] & (rank[None, :] == offs_c[:, None]), slot[None, :], 0), axis=1)
+    offs_s = tl.arange(0, SP)
+    cslot = tl.sum(tl.where(present[None, :] & (rank[None, :] == offs_c[:, None]), offs_s[None, :], 0), axis=1)
     cslot = tl.where(offs_c < n, cslot, -1)
-    cidx = tl.sum(tl.where(slot[:, None] == cslot[None, :], offs_c[None, :], 0), axis=1)
+    cidx = tl.gather(rank, tl.maximum(slot, 0), 0)
     return cslot, tl.where(slot >= 0, cidx, -1), n
 
 
@@ -119,6 +119,7 @@ def _gate_up_kernel(
     COMPACT: tl.constexpr = False,  # LORA_K: z stacked by the block's own slots (_compact_slots), not by slot
     CW: tl.constexpr = 1,  # LORA_K: column blocks of the stacked z per part (S, or min(S, BLOCK_M) with COMPACT)
     CP: tl.constexpr = 1,  # COMPACT: next power of two >= CW
+    SP: tl.constexpr = 1,  # COMPACT: next power of two >= S
 ):
     if HAS_LORA:
         # the shrink writes only zgu/zsh, read after pdl_wait below: the main loop overlaps it
@@ -185,7 +186,7 @@ def _gate_up_kernel(
                 pdl_wait(USE_PDL)
                 cslot = slot  # (unused without COMPACT)
                 if COMPACT:
-                    cslot, _, n_c = _compact_slots(slot, BLOCK_M, CP)
+                    cslot, _, n_c = _compact_slots(slot, BLOCK_M, CP, SP)
                     KW = n_c * BLOCK_R
                 else:
                     KW = S * BLOCK_R

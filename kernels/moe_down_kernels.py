@@ -70,6 +70,7 @@ def _down_kernel(
     WAIT_READY: tl.constexpr = False,  # LORA_K with PDL: wait per block on the counters, not for the grids
     COMPACT: tl.constexpr = False,  # LORA_K: z_d stacked by the block's own slots (as the gate_up kernel's z)
     CP: tl.constexpr = 1,  # COMPACT: a power of two >= min(S, BLOCK_M)
+    SP: tl.constexpr = 1,  # COMPACT: a power of two >= S
 ):
     # the alignment (and the token slots) were written two or more launches back: read before the wait
     num_pid_n = tl.cdiv(H, BLOCK_N)
@@ -136,7 +137,7 @@ def _down_kernel(
                     wait_count(zd_ready_ptr + pid_m, shrink_parts)
                 cslot = slot  # (unused without COMPACT)
                 if COMPACT:
-                    cslot, _, n_c = _compact_slots(slot, BLOCK_M, CP)
+                    cslot, _, n_c = _compact_slots(slot, BLOCK_M, CP, SP)
                     KW = n_c * BLOCK_R
                 else:
                     KW = S * BLOCK_R

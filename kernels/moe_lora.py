@@ -133,21 +133,24 @@ def slot_group(S: int, block_m: int, block_r: int, stack_elems: int) -> int:
     return min(triton.next_power_of_2(max(S, 1)), max(1, 64 // block_r), max(1, stack_elems // (block_m * block_r)))
 
 
-# The LoRA K step stacks each block's z by the block's own distinct slots (`compact`) when a block is
-# expected to hold at most this fraction of the registered slots (`use_compact`), and only for blocks of
-# at most COMPACT_MAX_BLOCK_M rows: the compaction compares every row with every row, which the 128-row
-# tiles pay for dearly. H100, Qwen3-30B-A3B layer, MoE+LoRA / base, every slot vs compacted: 40 adapters
-# 1.85 -> 1.21 at 64 tokens, 1.97 -> 1.36 at 128, 2.13 -> 1.91 at 512, but 2.50 -> 2.95 at 2048 (128-row
-# blocks); 8 adapters 1.21 -> 1.17 at 64 tokens, 1.25 -> 1.28 at 512; 4 adapters 1.12 -> 1.11 at 64 tokens,
-# 1.18 -> 1.60 at 2048.
+# The LoRA K step stacks each block's z by the block's own distinct slots (`compact`, `use_compact`) when a
+# block is expected to hold at most COMPACT_MAX_FRACTION of the registered slots, and always from
+# COMPACT_ALWAYS_SLOTS slots on: a batch may use few of many loaded adapters, which the expectation (tokens
+# spread over every slot) cannot see. H100, Qwen3-30B-A3B layer, MoE+LoRA / base, every slot -> compacted,
+# tokens spread over all slots: 40 adapters 1.82 -> 1.24 at 64 tokens, 1.97 -> 1.34 at 128, 2.13 -> 1.87 at
+# 512, 2.54 -> 2.63 at 2048 (every block holds nearly all 40: the compaction only costs); 8 adapters 1.21 ->
+# 1.16 at 64 tokens, 1.25 -> 1.27 at 512, 1.31 -> 1.36 at 2048; 4 adapters 1.12 -> 1.11 at 64, 1.18 -> 1.20
+# at 2048.
 COMPACT_MAX_FRACTION = 0.6
-COMPACT_MAX_BLOCK_M = 64
+COMPACT_ALWAYS_SLOTS = 16
 
 
 def use_compact(slots: int, block_m: int, pairs: int, experts: int) -> bool:
-    """Whether the K step's stacking should follow each block's own slots: the expected share of the slots a
-    block holds, 1 - (1 - 1/S)^rows with rows = min(block_m, pairs per expert), is small enough."""
-    if slots < 2 or block_m > COMPACT_MAX_BLOCK_M:
+    """Whether the K step's stacking should follow each block's own slots: many slots, or a small expected
+    share of them per block, 1 - (1 - 1/S)^rows with rows = min(block_m, pairs per expert)."""
+    if slots >= COMPACT_ALWAYS_SLOTS:
+        return True
+    if slots < 2:
         return False
     rows = min(block_m, pairs / max(experts, 1))
     return 1.0 - (1.0 - 1.0 / slots) ** rows <= COMPACT_MAX_FRACTION
@@ -222,6 +225,7 @@ def moe_lora_shrink(
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, SPLIT=split, HAS_SHARED=has_shared,
         SG=sg, CAST_FP32=cast_fp32, DOT_PREC=dot_prec, USE_PDL=pdl, STACKED=stacked, SUB_M=sm,
         COMPACT=compact, CW=compact_width(S, block_m, compact), CP=triton.next_power_of_2(min(S, block_m)),
+        SP=triton.next_power_of_2(S),
         num_warps=num_warps or (8 if sm * sg * br >= 8192 else 4), launch_pdl=pdl,
     )
 
@@ -266,5 +270,6 @@ def moe_lora_down_shrink(
         act.stride(0), *lora.down_A.stride(),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, SG=sg, CAST_FP32=cast_fp32, DOT_PREC=dot_prec,
         USE_PDL=pdl, SUB_M=sm, COMPACT=compact, CW=cw, CP=triton.next_power_of_2(min(S, block_m)),
+        SP=triton.next_power_of_2(S),
         num_warps=8 if sm * sg * br >= 8192 else 4, launch_pdl=pdl,
     )

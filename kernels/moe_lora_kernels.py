@@ -113,10 +113,10 @@ def _block_slots(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M: tl.const
 
 @triton.jit
 def _sub_block_compaction(slot_b, sub, SUB_M: tl.constexpr, BLOCK_M: tl.constexpr, CP: tl.constexpr,
-                          COMPACT: tl.constexpr):
+                          SP: tl.constexpr, COMPACT: tl.constexpr):
     """(COMPACT) The block's distinct slots and the indices of sub-block `sub`'s rows into them."""
     if COMPACT:
-        cslot, cidx_b, n_c = _compact_slots(slot_b, BLOCK_M, CP)
+        cslot, cidx_b, n_c = _compact_slots(slot_b, BLOCK_M, CP, SP)
         return cslot, tl.gather(cidx_b, sub * SUB_M + tl.arange(0, SUB_M), 0), n_c
     else:
         return slot_b, slot_b, 0
@@ -148,6 +148,7 @@ def _moe_lora_shrink_kernel(
     COMPACT: tl.constexpr = False,  # STACKED: stacked by the block's own slots (fused_moe_kernels._compact_slots)
     CW: tl.constexpr = 0,  # STACKED: column blocks per part: S, or min(S, BLOCK_M) with COMPACT
     CP: tl.constexpr = 1,  # COMPACT: a power of two >= min(S, BLOCK_M)
+    SP: tl.constexpr = 1,  # COMPACT: a power of two >= S
 ):
     # grid: (max_blocks * BLOCK_M / SUB_M [+ token blocks of SUB_M when HAS_SHARED], SPLIT)
     pdl_wait(USE_PDL)  # the alignment
@@ -170,7 +171,7 @@ def _moe_lora_shrink_kernel(
             n_c = 0
             if STACKED:  # only blocks with adapter rows (the whole block's): the GEMMs skip the others' K step
                 slot_b, run = _block_slots(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M)
-                cslot, cidx, n_c = _sub_block_compaction(slot_b, pid % NSUB, SM, BLOCK_M, CP, COMPACT)
+                cslot, cidx, n_c = _sub_block_compaction(slot_b, pid % NSUB, SM, BLOCK_M, CP, SP, COMPACT)
             if run:
                 _shrink_rows(
                     x_ptr, gu_a_ptr + expert.to(tl.int64) * stride_ae, zgu_ptr, token_slot_ptr,
@@ -205,6 +206,7 @@ def _moe_lora_down_shrink_kernel(
     COMPACT: tl.constexpr = False,  # stacked by the block's own slots, as the gate_up shrink
     CW: tl.constexpr = 0,  # column blocks of z_d: S, or min(S, BLOCK_M) with COMPACT
     CP: tl.constexpr = 1,  # COMPACT: a power of two >= min(S, BLOCK_M)
+    SP: tl.constexpr = 1,  # COMPACT: a power of two >= S
 ):
     """LoRA K step mode: z_d = down_A[s, e] a per pair, stacked by slot (or with COMPACT by the block's own
     slots) into act's extra columns (SUB_M rows of one expert block per program; blocks without adapter
@@ -228,7 +230,7 @@ def _moe_lora_down_shrink_kernel(
             if USE_PDL:
                 wait_count(act_ready_ptr + blk, nt_gu)
             rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + (pid % NSUB) * SUB_M + tl.arange(0, SUB_M))
-            cslot, cidx, n_c = _sub_block_compaction(slot_b, pid % NSUB, SUB_M, BLOCK_M, CP, COMPACT)
+            cslot, cidx, n_c = _sub_block_compaction(slot_b, pid % NSUB, SUB_M, BLOCK_M, CP, SP, COMPACT)
             _shrink_rows(
                 act_ptr, d_a_ptr + expert.to(tl.int64) * stride_de, act_ptr + I, token_slot_ptr,
                 rows, rows < N, rows // TOPK, rows, I, S, R, I, stride_am,
