@@ -69,6 +69,19 @@ def _compact_slots(slot, BLOCK_M: tl.constexpr, CP: tl.constexpr, SP: tl.constex
 
 
 @triton.jit
+def _k_step_columns(slot, S, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr,
+                    COMPACT: tl.constexpr):
+    """A GEMM's LoRA K step over one block: the slot of each stacked column block (COMPACT: the block's
+    distinct slots; else the column block is the slot, and `slot` is passed through unused) and the number of
+    stacked K columns, (distinct slots or S) * BLOCK_R."""
+    if COMPACT:
+        cslot, _, n_c = _compact_slots(slot, BLOCK_M, CP, SP)
+        return cslot, n_c * BLOCK_R
+    else:
+        return slot, S * BLOCK_R
+
+
+@triton.jit
 def _column_slots(cslot, q, CP: tl.constexpr, COMPACT: tl.constexpr):
     """Adapter slot of stacked column block q (a tensor): cslot[q] when compacted, else q itself."""
     if COMPACT:
@@ -184,12 +197,7 @@ def _gate_up_kernel(
             # more K columns read like the main loop's (zeros outside each row's slot: no masks by slot)
             if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it
                 pdl_wait(USE_PDL)
-                cslot = slot  # (unused without COMPACT)
-                if COMPACT:
-                    cslot, _, n_c = _compact_slots(slot, BLOCK_M, CP, SP)
-                    KW = n_c * BLOCK_R
-                else:
-                    KW = S * BLOCK_R
+                cslot, KW = _k_step_columns(slot, S, BLOCK_M, BLOCK_R, CP, SP, COMPACT)
                 z_rows = zgu_ptr + rows.to(tl.int64)[:, None] * (2 * CW * BLOCK_R)
                 b_cols = gu_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn  # [1, BLOCK_N]
                 for j0 in tl.range(0, KW, BLOCK_K, num_stages=1):

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from lorax.kernels._common import here, pdl_trigger, pdl_wait, wait_count
-from lorax.kernels.fused_moe_kernels import _block_rows, _compact_slots, _stack, _stacked_b
+from lorax.kernels.fused_moe_kernels import _block_rows, _k_step_columns, _stack, _stacked_b
 
 
 @triton.jit
@@ -135,12 +135,7 @@ def _down_kernel(
             if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:
                 if WAIT_READY:  # every down-shrink part of this block has stored its z_d
                     wait_count(zd_ready_ptr + pid_m, shrink_parts)
-                cslot = slot  # (unused without COMPACT)
-                if COMPACT:
-                    cslot, _, n_c = _compact_slots(slot, BLOCK_M, CP, SP)
-                    KW = n_c * BLOCK_R
-                else:
-                    KW = S * BLOCK_R
+                cslot, KW = _k_step_columns(slot, S, BLOCK_M, BLOCK_R, CP, SP, COMPACT)
                 z_rows = act_ptr + rows64[:, None] * stride_am + I
                 b_cols = d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
                 for j0 in range(0, KW, BLOCK_K):
