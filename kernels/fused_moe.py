@@ -339,8 +339,7 @@ def fused_moe(
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=cfg["BLOCK_K_GU"], GROUP_M=cfg["GROUP_M"],
         HAS_LORA=has_lora, HAS_SHARED=has_shared, SPLIT=cfg["SPLIT"], BLOCK_R=br, SG=sg,
         EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, PREFETCH=prefetch,
-        COMPACT=compact, CW=compact_width(S, bm, compact), CP=triton.next_power_of_2(max(1, min(S, bm))),
-        SP=triton.next_power_of_2(max(1, S)), **launch,
+        COMPACT=compact, SP=triton.next_power_of_2(S) if compact else 1, **launch,
     )
     if k_step:
         assert lora is not None
@@ -359,8 +358,7 @@ def fused_moe(
         EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, ONE_GROUP=sg >= S,
         PREFETCH=prefetch, WAIT_READY=k_step and pdl,
         HOIST_Z=nt_p2 if bm * nt_p2 * br <= HOIST_Z_ELEMS else 0, COMPACT=compact,
-        CP=triton.next_power_of_2(max(1, min(S, bm))),
-        SP=triton.next_power_of_2(max(1, S)), **launch,
+        SP=triton.next_power_of_2(S) if compact else 1, **launch,
     )
     block_t = 16
     block_h = min(256, triton.next_power_of_2(H))

@@ -48,15 +48,17 @@ def _stack(z, BLOCK_M: tl.constexpr, SG: tl.constexpr, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _compact_slots(slot, BLOCK_M: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr):
-    """The distinct adapter slots of a block's rows, in ascending order: cslot [CP] (-1 from n on), each row's
-    index into it (cidx [BLOCK_M], -1 for rows without an adapter) and their number n. SP: a power of two
-    >= the number of registered slots (a histogram over them, so the cost follows the slots, not BLOCK_M^2).
+def _compact_slots(slot, BLOCK_M: tl.constexpr, SP: tl.constexpr):
+    """The distinct adapter slots of a block's rows, in ascending order: cslot [min(SP, BLOCK_M)] (-1 from n
+    on), each row's index into it (cidx [BLOCK_M], -1 for rows without an adapter) and their number n. SP: a
+    power of two >= the number of registered slots (a histogram over them, so the cost follows the slots,
+    not BLOCK_M^2).
 
     The LoRA K step stacks a block's z by this index, not by slot, so that its width follows the slots the
-    block holds (at most min(S, BLOCK_M), CP >= that) instead of every registered slot: with 40 adapters a
+    block holds (at most min(S, BLOCK_M)) instead of every registered slot: with 40 adapters a
     decode block of a few rows reads a few slots' B, not 40. A pure function of the set of the block's slots,
     so the shrinks and the GEMMs that compute it on their own agree."""
+    CP: tl.constexpr = SP if SP < BLOCK_M else BLOCK_M  # (both powers of two)
     present = tl.histogram(tl.maximum(slot, 0), SP, mask=slot >= 0) > 0  # [SP]
     rank = tl.cumsum(present.to(tl.int32), axis=0) - 1
     n = tl.sum(present.to(tl.int32), axis=0)
@@ -69,34 +71,43 @@ def _compact_slots(slot, BLOCK_M: tl.constexpr, CP: tl.constexpr, SP: tl.constex
 
 
 @triton.jit
-def _k_step_columns(slot, S, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, CP: tl.constexpr, SP: tl.constexpr,
-                    COMPACT: tl.constexpr):
+def _stack_width(S, BLOCK_M: tl.constexpr, COMPACT: tl.constexpr):
+    """Column blocks per part of a K step's stacked z row: every slot, or (COMPACT) the most distinct slots
+    a block can hold (moe_lora.compact_width on the host)."""
+    if COMPACT:
+        return tl.minimum(S, BLOCK_M)
+    else:
+        return S
+
+
+@triton.jit
+def _k_step_columns(slot, S, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, SP: tl.constexpr, COMPACT: tl.constexpr):
     """A GEMM's LoRA K step over one block: the slot of each stacked column block (COMPACT: the block's
     distinct slots; else the column block is the slot, and `slot` is passed through unused) and the number of
     stacked K columns, (distinct slots or S) * BLOCK_R."""
     if COMPACT:
-        cslot, _, n_c = _compact_slots(slot, BLOCK_M, CP, SP)
+        cslot, _, n_c = _compact_slots(slot, BLOCK_M, SP)
         return cslot, n_c * BLOCK_R
     else:
         return slot, S * BLOCK_R
 
 
 @triton.jit
-def _column_slots(cslot, q, CP: tl.constexpr, COMPACT: tl.constexpr):
+def _column_slots(cslot, q, COMPACT: tl.constexpr):
     """Adapter slot of stacked column block q (a tensor): cslot[q] when compacted, else q itself."""
     if COMPACT:
-        return tl.gather(cslot, tl.minimum(q, CP - 1), 0)
+        return tl.gather(cslot, tl.minimum(q, cslot.shape[0] - 1), 0)
     else:
         return q
 
 
 @triton.jit
-def _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R: tl.constexpr, cslot=None, CP: tl.constexpr = 1,
+def _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R: tl.constexpr, cslot=None,
                COMPACT: tl.constexpr = False):
     """Pointers and mask of a LoRA K step's B tile [len(j), BLOCK_N]: stacked column j = c*BLOCK_R + r reads
     B[s, :, :, r] of the block's expert, s = c or (COMPACT) the block's c-th slot cslot[c] (b_cols: [1, BLOCK_N]
     at s = r = 0); zero past KW and rank R."""
-    sj = _column_slots(cslot, j // BLOCK_R, CP, COMPACT)
+    sj = _column_slots(cslot, j // BLOCK_R, COMPACT)
     ptrs = b_cols + sj.to(tl.int64)[:, None] * stride_bs + (j % BLOCK_R)[:, None] * stride_br
     return ptrs, ((j < KW) & (j % BLOCK_R < R))[:, None] & mask_n[None, :]
 
@@ -127,11 +138,9 @@ def _gate_up_kernel(
     SG: tl.constexpr,  # slots stacked per LoRA dot (power of two)
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,  # with LoRA the previous launch is the shrink: only the epilogue waits for it
-    LORA_K: tl.constexpr = False,  # LoRA K step mode: zgu is the stacked z [N, 2, CW, BLOCK_R] (x.dtype)
+    LORA_K: tl.constexpr = False,  # LoRA K step mode: zgu is the stacked z [N, 2, width, BLOCK_R] (x.dtype)
     PREFETCH: tl.constexpr = False,  # S <= SG: the present slots' B and down_A tiles issued before the main loop
     COMPACT: tl.constexpr = False,  # LORA_K: z stacked by the block's own slots (_compact_slots), not by slot
-    CW: tl.constexpr = 1,  # LORA_K: column blocks of the stacked z per part (S, or min(S, BLOCK_M) with COMPACT)
-    CP: tl.constexpr = 1,  # COMPACT: next power of two >= CW
     SP: tl.constexpr = 1,  # COMPACT: next power of two >= S
 ):
     if HAS_LORA:
@@ -197,17 +206,17 @@ def _gate_up_kernel(
             # more K columns read like the main loop's (zeros outside each row's slot: no masks by slot)
             if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it
                 pdl_wait(USE_PDL)
-                cslot, KW = _k_step_columns(slot, S, BLOCK_M, BLOCK_R, CP, SP, COMPACT)
-                z_rows = zgu_ptr + rows.to(tl.int64)[:, None] * (2 * CW * BLOCK_R)
+                cslot, KW = _k_step_columns(slot, S, BLOCK_M, BLOCK_R, SP, COMPACT)
+                ZW = _stack_width(S, BLOCK_M, COMPACT) * BLOCK_R  # z columns per part
+                z_rows = zgu_ptr + rows.to(tl.int64)[:, None] * (2 * ZW)
                 b_cols = gu_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn  # [1, BLOCK_N]
                 for j0 in tl.range(0, KW, BLOCK_K, num_stages=1):
                     j = j0 + offs_k
                     mask_j = j < KW
                     m_z = mask_m[:, None] & mask_j[None, :]
                     zg = tl.load(z_rows + j[None, :], mask=m_z, other=0.0)
-                    zu = tl.load(z_rows + CW * BLOCK_R + j[None, :], mask=m_z, other=0.0)
-                    b_ptrs, m_b = _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R, cslot, CP,
-                                             COMPACT)
+                    zu = tl.load(z_rows + ZW + j[None, :], mask=m_z, other=0.0)
+                    b_ptrs, m_b = _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R, cslot, COMPACT)
                     bg = tl.load(b_ptrs, mask=m_b, other=0.0)
                     bu = tl.load(b_ptrs + I * stride_bn, mask=m_b, other=0.0)
                     if CAST_FP32:

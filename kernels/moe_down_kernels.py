@@ -62,14 +62,13 @@ def _down_kernel(
     SG: tl.constexpr,
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
-    LORA_K: tl.constexpr = False,  # LoRA K step mode: act's columns [I, I + CW*BLOCK_R) hold z_d stacked
+    LORA_K: tl.constexpr = False,  # LoRA K step mode: act's columns [I, I + width*BLOCK_R) hold z_d stacked
     ONE_GROUP: tl.constexpr = False,  # S <= SG: the epilogue's slot loop takes one group
     PREFETCH: tl.constexpr = False,  # ONE_GROUP: the present slots' down_B tiles issued before the main loop
     HOIST_Z: tl.constexpr = 0,  # ONE_GROUP: NT_GU rounded up to a power of two when the z_d partials are
     # issued before the main loop (held in registers across it), else 0
     WAIT_READY: tl.constexpr = False,  # LORA_K with PDL: wait per block on the counters, not for the grids
     COMPACT: tl.constexpr = False,  # LORA_K: z_d stacked by the block's own slots (as the gate_up kernel's z)
-    CP: tl.constexpr = 1,  # COMPACT: a power of two >= min(S, BLOCK_M)
     SP: tl.constexpr = 1,  # COMPACT: a power of two >= S
 ):
     # the alignment (and the token slots) were written two or more launches back: read before the wait
@@ -135,15 +134,14 @@ def _down_kernel(
             if tl.max((slot >= 0).to(tl.int32), axis=0) > 0:
                 if WAIT_READY:  # every down-shrink part of this block has stored its z_d
                     wait_count(zd_ready_ptr + pid_m, shrink_parts)
-                cslot, KW = _k_step_columns(slot, S, BLOCK_M, BLOCK_R, CP, SP, COMPACT)
+                cslot, KW = _k_step_columns(slot, S, BLOCK_M, BLOCK_R, SP, COMPACT)
                 z_rows = act_ptr + rows64[:, None] * stride_am + I
                 b_cols = d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
                 for j0 in range(0, KW, BLOCK_K):
                     j = j0 + offs_k
                     zt = tl.load(z_rows + j[None, :], mask=mask_m[:, None] & (j < KW)[None, :], other=0.0,
                                  cache_modifier=".cg")  # (written by a launch still running: not from L1)
-                    db_ptrs, m_db = _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R, cslot, CP,
-                                               COMPACT)
+                    db_ptrs, m_db = _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R, cslot, COMPACT)
                     db = tl.load(db_ptrs, mask=m_db, other=0.0)
                     if CAST_FP32:
                         zt = zt.to(tl.float32)

@@ -224,8 +224,7 @@ def moe_lora_shrink(
         x.stride(0), x.stride(1), *lora.gate_up_A.stride(), *sh_strides,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, SPLIT=split, HAS_SHARED=has_shared,
         SG=sg, CAST_FP32=cast_fp32, DOT_PREC=dot_prec, USE_PDL=pdl, STACKED=stacked, SUB_M=sm,
-        COMPACT=compact, CW=compact_width(S, block_m, compact), CP=triton.next_power_of_2(min(S, block_m)),
-        SP=triton.next_power_of_2(S),
+        COMPACT=compact, SP=triton.next_power_of_2(S) if compact else 1,
         num_warps=num_warps or (8 if sm * sg * br >= 8192 else 4), launch_pdl=pdl,
     )
 
@@ -269,7 +268,6 @@ def moe_lora_down_shrink(
         act.shape[0], topk, I, S, R, tiles,
         act.stride(0), *lora.down_A.stride(),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, SG=sg, CAST_FP32=cast_fp32, DOT_PREC=dot_prec,
-        USE_PDL=pdl, SUB_M=sm, COMPACT=compact, CW=cw, CP=triton.next_power_of_2(min(S, block_m)),
-        SP=triton.next_power_of_2(S),
+        USE_PDL=pdl, SUB_M=sm, COMPACT=compact, SP=triton.next_power_of_2(S) if compact else 1,
         num_warps=8 if sm * sg * br >= 8192 else 4, launch_pdl=pdl,
     )

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from lorax.kernels._common import pdl_trigger, pdl_wait, wait_count
-from lorax.kernels.fused_moe_kernels import _column_slots, _compact_slots
+from lorax.kernels.fused_moe_kernels import _column_slots, _compact_slots, _stack_width
 
 
 @triton.jit
@@ -26,8 +26,7 @@ def _shrink_rows(
     PARTS: tl.constexpr = 2,  # 2: A rows [0, R) gate and [R, 2R) up; 1: one z per row (the down shrink)
     STACKED: tl.constexpr = False,
     cidx=None, cslot=None, n_c=0,  # COMPACT: the rows' indices into the block's slots, those slots, their number
-    CW: tl.constexpr = 0,  # STACKED: column blocks per part (S, or with COMPACT min(S, block rows))
-    CP: tl.constexpr = 1, COMPACT: tl.constexpr = False,
+    COMPACT: tl.constexpr = False,
 ):
     """z of A[slot(row)] x[xrow] over this program's K chunk, for every row of the block.
 
@@ -38,17 +37,18 @@ def _shrink_rows(
     Output layouts:
       STACKED False  out[row, pid_k, part, :BLOCK_R] fp32: each row keeps its own slot's column block
                      (rows whose slot is -1 are not written)
-      STACKED True   out[row * stride_out + part * CW*BLOCK_R + c*BLOCK_R + r], out's dtype, SPLIT 1: the
+      STACKED True   out[row * stride_out + part * stride_out/PARTS + c*BLOCK_R + r], out's dtype, SPLIT 1: the
                      row's z in its own column block c (its slot, or with COMPACT its slot's index in the
                      block) and zeros in every other (rows whose slot is -1 get zeros), i.e. the extra K
                      columns the GEMMs' LoRA K step reads (COMPACT: only the first n_c blocks are written)
     """
     pid_k = tl.program_id(1)
-    slot = tl.load(token_slot_ptr + token, mask=mask_m, other=-1)
-    n_keys = S
-    if COMPACT:
+    if COMPACT:  # keys: the rows' indices into the block's slots
         slot = cidx
         n_keys = n_c
+    else:
+        slot = tl.load(token_slot_ptr + token, mask=mask_m, other=-1)
+        n_keys = S
     offs_r = tl.arange(0, BLOCK_R)
     offs_q = tl.arange(0, SG * BLOCK_R)
     q_s = offs_q // BLOCK_R
@@ -67,7 +67,7 @@ def _shrink_rows(
         rows_in = tl.max(sel.to(tl.int32), axis=1) > 0  # rows whose slot is in the group
         if tl.max(present.to(tl.int32), axis=0) > 0:  # some slot of the group is in this block
             # A rows [0, R) gate, [R, 2R) up, read transposed and stacked: [BLOCK_K, SG*BLOCK_R]
-            a_cols = (a_ptr + _column_slots(cslot, s0 + q_s, CP, COMPACT).to(tl.int64)[None, :] * stride_a_s
+            a_cols = (a_ptr + _column_slots(cslot, s0 + q_s, COMPACT).to(tl.int64)[None, :] * stride_a_s
                       + q_r[None, :] * stride_a_r)
             m_q = (present & (q_r < R))[None, :]
             for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -98,7 +98,7 @@ def _shrink_rows(
             dst = st_ptrs + s0 * BLOCK_R
             tl.store(dst, tl.where(sel, acc_g, 0.0).to(out_ptr.dtype.element_ty), mask=m_st)
             if PARTS == 2:
-                tl.store(dst + CW * BLOCK_R, tl.where(sel, acc_u, 0.0).to(out_ptr.dtype.element_ty), mask=m_st)
+                tl.store(dst + stride_out // 2, tl.where(sel, acc_u, 0.0).to(out_ptr.dtype.element_ty), mask=m_st)
 
 
 @triton.jit
@@ -112,11 +112,11 @@ def _block_slots(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M: tl.const
 
 
 @triton.jit
-def _sub_block_compaction(slot_b, sub, SUB_M: tl.constexpr, BLOCK_M: tl.constexpr, CP: tl.constexpr,
-                          SP: tl.constexpr, COMPACT: tl.constexpr):
+def _sub_block_compaction(slot_b, sub, SUB_M: tl.constexpr, BLOCK_M: tl.constexpr, SP: tl.constexpr,
+                          COMPACT: tl.constexpr):
     """(COMPACT) The block's distinct slots and the indices of sub-block `sub`'s rows into them."""
     if COMPACT:
-        cslot, cidx_b, n_c = _compact_slots(slot_b, BLOCK_M, CP, SP)
+        cslot, cidx_b, n_c = _compact_slots(slot_b, BLOCK_M, SP)
         return cslot, tl.gather(cidx_b, sub * SUB_M + tl.arange(0, SUB_M), 0), n_c
     else:
         return slot_b, slot_b, 0
@@ -143,11 +143,9 @@ def _moe_lora_shrink_kernel(
     SG: tl.constexpr,  # slots stacked per dot (power of two)
     HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
-    STACKED: tl.constexpr = False,  # zgu is the [N, 2, CW, BLOCK_R] stacked z (x.dtype) of the LoRA K step
+    STACKED: tl.constexpr = False,  # zgu is the [N, 2, width, BLOCK_R] stacked z (x.dtype) of the LoRA K step
     SUB_M: tl.constexpr = 0,  # rows per program (a divisor of BLOCK_M; 0: BLOCK_M)
     COMPACT: tl.constexpr = False,  # STACKED: stacked by the block's own slots (fused_moe_kernels._compact_slots)
-    CW: tl.constexpr = 0,  # STACKED: column blocks per part: S, or min(S, BLOCK_M) with COMPACT
-    CP: tl.constexpr = 1,  # COMPACT: a power of two >= min(S, BLOCK_M)
     SP: tl.constexpr = 1,  # COMPACT: a power of two >= S
 ):
     # grid: (max_blocks * BLOCK_M / SUB_M [+ token blocks of SUB_M when HAS_SHARED], SPLIT)
@@ -171,14 +169,14 @@ def _moe_lora_shrink_kernel(
             n_c = 0
             if STACKED:  # only blocks with adapter rows (the whole block's): the GEMMs skip the others' K step
                 slot_b, run = _block_slots(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M)
-                cslot, cidx, n_c = _sub_block_compaction(slot_b, pid % NSUB, SM, BLOCK_M, CP, SP, COMPACT)
+                cslot, cidx, n_c = _sub_block_compaction(slot_b, pid % NSUB, SM, BLOCK_M, SP, COMPACT)
             if run:
                 _shrink_rows(
                     x_ptr, gu_a_ptr + expert.to(tl.int64) * stride_ae, zgu_ptr, token_slot_ptr,
-                    rows, rows < N, token, token, H, S, R, k_chunk, 2 * CW * BLOCK_R,
+                    rows, rows < N, token, token, H, S, R, k_chunk, 2 * _stack_width(S, BLOCK_M, COMPACT) * BLOCK_R,
                     stride_xt, stride_xh, stride_as, stride_ar, stride_ah,
                     SM, BLOCK_K, BLOCK_R, SPLIT, SG, CAST_FP32, DOT_PREC, 2, STACKED,
-                    cidx, cslot, n_c, CW, CP, COMPACT,
+                    cidx, cslot, n_c, COMPACT,
                 )
     elif HAS_SHARED:
         # role 2: one block of tokens against the shared-outer A (once per token, not per pair)
@@ -193,7 +191,7 @@ def _moe_lora_shrink_kernel(
 
 @triton.jit
 def _moe_lora_down_shrink_kernel(
-    act_ptr,  # [N, I + CW*BLOCK_R]: columns [0, I) the activation (read), [I, I + CW*BLOCK_R) z_d stacked (out)
+    act_ptr,  # [N, I + W*BLOCK_R]: columns [0, I) the activation (read), [I, I + W*BLOCK_R) z_d stacked (out)
     d_a_ptr,  # [S, E, R, I]
     token_slot_ptr, sorted_ids_ptr, block_expert_ptr, num_padded_ptr,
     act_ready_ptr,  # [max_blocks] int32: I tiles of each block whose act is stored (the gate_up kernel counts)
@@ -204,8 +202,6 @@ def _moe_lora_down_shrink_kernel(
     CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
     SUB_M: tl.constexpr,  # rows per program (a divisor of BLOCK_M)
     COMPACT: tl.constexpr = False,  # stacked by the block's own slots, as the gate_up shrink
-    CW: tl.constexpr = 0,  # column blocks of z_d: S, or min(S, BLOCK_M) with COMPACT
-    CP: tl.constexpr = 1,  # COMPACT: a power of two >= min(S, BLOCK_M)
     SP: tl.constexpr = 1,  # COMPACT: a power of two >= S
 ):
     """LoRA K step mode: z_d = down_A[s, e] a per pair, stacked by slot (or with COMPACT by the block's own
@@ -230,13 +226,13 @@ def _moe_lora_down_shrink_kernel(
             if USE_PDL:
                 wait_count(act_ready_ptr + blk, nt_gu)
             rows = tl.load(sorted_ids_ptr + blk * BLOCK_M + (pid % NSUB) * SUB_M + tl.arange(0, SUB_M))
-            cslot, cidx, n_c = _sub_block_compaction(slot_b, pid % NSUB, SUB_M, BLOCK_M, CP, SP, COMPACT)
+            cslot, cidx, n_c = _sub_block_compaction(slot_b, pid % NSUB, SUB_M, BLOCK_M, SP, COMPACT)
             _shrink_rows(
                 act_ptr, d_a_ptr + expert.to(tl.int64) * stride_de, act_ptr + I, token_slot_ptr,
                 rows, rows < N, rows // TOPK, rows, I, S, R, I, stride_am,
                 stride_am, 1, stride_ds, stride_dr, stride_di,
                 SUB_M, BLOCK_K, BLOCK_R, 1, SG, CAST_FP32, DOT_PREC, 1, True,
-                cidx, cslot, n_c, CW, CP, COMPACT,
+                cidx, cslot, n_c, COMPACT,
             )
             if USE_PDL:
                 tl.debug_barrier()  # every thread's z_d stores precede the release below

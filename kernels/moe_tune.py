@@ -275,7 +275,11 @@ def compile_check() -> int:
         large_k = {**large, "LORA_K": 1, "SHRINK_M": 32}  # the LoRA K step mode, half-block shrink programs
         # small, one-program and three-pass alignment
         small_p = {**small, "PREFETCH": 1}  # the decode epilogue's LoRA tiles issued before the main loops
-        for T, cfg in ((8, small), (8, small_p), (64, small), (2048, large), (2048, large_k)):
+        # the K step stacked by each block's own slots, at 16-, 64- and 128-row blocks
+        compact = [{**small, "SPLIT": 1, "LORA_K": 1, "COMPACT": 1}, {**large_k, "COMPACT": 1},
+                   {**large_k, "BLOCK_M": 128, "num_warps": 8, "SHRINK_M": 64, "COMPACT": 1}]
+        for T, cfg in ((8, small), (8, small_p), (64, small), (2048, large), (2048, large_k), (64, compact[0]),
+                       (2048, compact[1]), (2048, compact[2])):
             for lora in ("", "lora", "shared"):
                 drive(T, 2048, 768, 128, 8, torch.bfloat16, lora, cfg)
         drive(1, 4096, 14336, 8, 2, torch.bfloat16, "lora", None)  # Mixtral: wide I, partials summed in a loop
