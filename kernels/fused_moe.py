@@ -18,9 +18,10 @@ Keyword-only, both implementations (the reference ignores the first and last):
                   BLOCK_K_D, GROUP_M, num_warps, num_stages, SPLIT (LoRA shrink K-split), and optionally
                   STACK_ELEMS (LoRA epilogue slot stacking), LORA_K (1: the LoRA as K steps of the GEMMs,
                   see kernels/moe_lora.py), SHRINK_M (rows per LoRA shrink program, a divisor of BLOCK_M),
-                  COMPACT (with LORA_K, 1 / 0: the K steps stacked by each block's own slots rather than by
-                  every registered slot; default: moe_lora.use_compact) and PREFETCH (1: the
-                  epilogue path's LoRA B / down_A / down_B tiles of the slots present in a block are issued
+                  COMPACT (1 / 0: the LoRA's slot groups, or with LORA_K the K steps' stacking, follow each
+                  block's own distinct slots rather than every registered slot; default: with LORA_K
+                  moe_lora.use_compact, else whenever the slots take more than one group) and PREFETCH (1:
+                  the epilogue path's LoRA B / down_A / down_B tiles of a block's first slot group are issued
                   before the GEMMs' main loops; decode)
 
 The Triton path is sync-free; its results are bitwise repeatable (the top-k sum has a fixed order).
@@ -189,14 +190,23 @@ def _lora_k_step(lora: MoELoraArgs | None, cfg: dict[str, int]) -> bool:
 
 
 def _lora_compact(lora: MoELoraArgs | None, cfg: dict[str, int], pairs: int) -> bool:
-    """Whether the LoRA K step stacks each block's z by the block's own slots instead of by every registered
-    slot (config key COMPACT, else `use_compact` from the slots, the block rows and the pairs per expert)."""
-    if lora is None or not _lora_k_step(lora, cfg):
+    """Whether the LoRA's slot groups follow each block's own distinct slots instead of every registered slot
+    (config key COMPACT; else for the K step `use_compact` from the slots, the block rows and the pairs per
+    expert, and for the epilogue path whenever the slots take more than one group: a decode block of a few
+    rows then takes one group, whose tiles PREFETCH issues before the main loops, whatever the slots)."""
+    if lora is None:
         return False
     if "COMPACT" in cfg:
         return bool(cfg["COMPACT"])
-    S, E = lora.gate_up_A.shape[:2]
-    return use_compact(S, cfg["BLOCK_M"], pairs, E)
+    S, E, two_r = lora.gate_up_A.shape[:3]
+    if _lora_k_step(lora, cfg):
+        return use_compact(S, cfg["BLOCK_M"], pairs, E)
+    return _epilogue_slot_group(S, lora_block_r(two_r // 2), cfg) < S
+
+
+def _epilogue_slot_group(S: int, br: int, cfg: dict[str, int]) -> int:
+    """Slots stacked per LoRA dot in the GEMM epilogues."""
+    return slot_group(S, cfg["BLOCK_M"], br, cfg.get("STACK_ELEMS", STACK_ELEMS))
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -326,9 +336,9 @@ def fused_moe(
                         sub_m=cfg.get("SHRINK_M"),
                         cast_fp32=cast, dot_prec=prec)
     nt_gu = triton.cdiv(I, cfg["BLOCK_N_GU"])
-    sg = slot_group(S, bm, br, cfg.get("STACK_ELEMS", STACK_ELEMS))
+    sg = _epilogue_slot_group(S, br, cfg)
     nt_p2 = triton.next_power_of_2(nt_gu)
-    prefetch = bool(cfg.get("PREFETCH", 0)) and sg >= S
+    prefetch = bool(cfg.get("PREFETCH", 0)) and (sg >= S or compact)
     nt_chunk = max(1, min(nt_p2, 4096 // (bm * sg * br)))
     _gate_up_kernel[(max_blocks * nt_gu,)](
         x, w13, buf.act, align.sorted_ids, align.block_expert, align.num_padded,
@@ -339,7 +349,7 @@ def fused_moe(
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=cfg["BLOCK_K_GU"], GROUP_M=cfg["GROUP_M"],
         HAS_LORA=has_lora, HAS_SHARED=has_shared, SPLIT=cfg["SPLIT"], BLOCK_R=br, SG=sg,
         EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, PREFETCH=prefetch,
-        COMPACT=compact, SP=triton.next_power_of_2(S) if compact else 1, **launch,
+        ONE_GROUP=sg >= S, COMPACT=compact, SP=triton.next_power_of_2(S) if compact else 1, **launch,
     )
     if k_step:
         assert lora is not None
@@ -355,8 +365,8 @@ def fused_moe(
         *(d_b.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_D"], BLOCK_K=cfg["BLOCK_K_D"], GROUP_M=cfg["GROUP_M"],
         HAS_LORA=has_lora, HAS_SHARED=has_shared, BLOCK_R=br, NT_GU=nt_gu, NT_CHUNK=nt_chunk, SG=sg,
-        EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, ONE_GROUP=sg >= S,
-        PREFETCH=prefetch, WAIT_READY=k_step and pdl,
+        EVEN_K=I % cfg["BLOCK_K_D"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, PREFETCH=prefetch,
+        ONE_GROUP=sg >= S, WAIT_READY=k_step and pdl,
         HOIST_Z=nt_p2 if bm * nt_p2 * br <= HOIST_Z_ELEMS else 0, COMPACT=compact,
         SP=triton.next_power_of_2(S) if compact else 1, **launch,
     )

@@ -102,6 +102,72 @@ def _column_slots(cslot, q, COMPACT: tl.constexpr):
 
 
 @triton.jit
+def _first_group(slot, S, BLOCK_M: tl.constexpr, SG: tl.constexpr, BLOCK_R: tl.constexpr, SP: tl.constexpr,
+                 COMPACT: tl.constexpr):
+    """The epilogue path's first slot group: each row's key in it (its slot, or with COMPACT its slot's index
+    among the block's distinct slots, `_compact_slots`; -1 without an adapter), the number of keys (S, or the
+    block's distinct slots: the group holds every row's slot when it is <= SG) and the adapter slot of each
+    stacked column q = g*BLOCK_R + r ([SG*BLOCK_R]: g, or the block's g-th distinct slot). Compacted, a block
+    that holds a few of many registered slots takes one group, whose tiles PREFETCH can issue early."""
+    q_s = tl.arange(0, SG * BLOCK_R) // BLOCK_R
+    if COMPACT:
+        cslot, cidx, n = _compact_slots(slot, BLOCK_M, SP)
+        return cidx, n, _column_slots(cslot, q_s, True)
+    else:
+        return slot, S, q_s
+
+
+@triton.jit
+def _da_tile(d_a_ptr, expert, offs_n, s_q, q_r, stride_ds, stride_de, stride_dr, stride_di):
+    """Pointers of a stacked down_A tile [BLOCK_N, SG*BLOCK_R]: column q = down_A[s_q[q], expert, q_r[q], offs_n]."""
+    return (d_a_ptr + expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di
+            + s_q.to(tl.int64)[None, :] * stride_ds + q_r[None, :] * stride_dr)
+
+
+@triton.jit
+def _b_tile(b_ptr, expert, offs_n, s_q, q_r, stride_bs, stride_be, stride_bn, stride_br):
+    """Pointers of a stacked LoRA B tile [SG*BLOCK_R, BLOCK_N]: row q = B[s_q[q], expert, offs_n, q_r[q]]."""
+    return (b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
+            + s_q.to(tl.int64)[:, None] * stride_bs + q_r[:, None] * stride_br)
+
+
+@triton.jit
+def _gu_expand_group(acc_g, acc_u, sel, zg_own, zu_own, z_row, zs_row, q_r, bg, bu,
+                     BLOCK_M: tl.constexpr, SG: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT: tl.constexpr,
+                     HAS_SHARED: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One slot group of the gate_up expand: h += z(stacked, sel: [BLOCK_M, SG*BLOCK_R] the rows' own column
+    blocks) [B_gate | B_up](stacked, bg / bu: [SG*BLOCK_R, BLOCK_N]). With SPLIT > 1 the rows' own z (the
+    partials summed, zg_own / zu_own) is masked into place in registers; with SPLIT 1 it is read straight into
+    the stacked layout (z_row / zs_row: each row's narrow z and shared-outer z)."""
+    if SPLIT > 1:
+        zg = tl.where(sel, _stack(zg_own, BLOCK_M, SG, BLOCK_R), 0.0)
+        zu = tl.where(sel, _stack(zu_own, BLOCK_M, SG, BLOCK_R), 0.0)
+    else:
+        zg = tl.load(z_row + q_r[None, :], mask=sel, other=0.0)
+        zu = tl.load(z_row + BLOCK_R + q_r[None, :], mask=sel, other=0.0)
+        if HAS_SHARED:
+            zg += tl.load(zs_row + q_r[None, :], mask=sel, other=0.0)
+            zu += tl.load(zs_row + BLOCK_R + q_r[None, :], mask=sel, other=0.0)
+    if CAST_FP32:
+        bg = bg.to(tl.float32)
+        bu = bu.to(tl.float32)
+    acc_g = tl.dot(zg.to(bg.dtype), bg, acc_g, input_precision=DOT_PREC)
+    acc_u = tl.dot(zu.to(bu.dtype), bu, acc_u, input_precision=DOT_PREC)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _zd_group(zd, a_op, sel, da, BLOCK_M: tl.constexpr, SG: tl.constexpr, BLOCK_R: tl.constexpr,
+              CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One slot group of the down shrink's partial over an I tile: zd += each row's own column block of
+    a down_A(stacked, da: [BLOCK_N, SG*BLOCK_R])."""
+    if CAST_FP32:
+        da = da.to(tl.float32)
+    zw = tl.where(sel, tl.dot(a_op, da, input_precision=DOT_PREC), 0.0)  # [BLOCK_M, SG*BLOCK_R]
+    return zd + tl.sum(tl.reshape(zw, [BLOCK_M, SG, BLOCK_R]), axis=1)
+
+
+@triton.jit
 def _stacked_b(b_cols, j, KW, R, mask_n, stride_bs, stride_br, BLOCK_R: tl.constexpr, cslot=None,
                COMPACT: tl.constexpr = False):
     """Pointers and mask of a LoRA K step's B tile [len(j), BLOCK_N]: stacked column j = c*BLOCK_R + r reads
@@ -139,8 +205,9 @@ def _gate_up_kernel(
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,  # with LoRA the previous launch is the shrink: only the epilogue waits for it
     LORA_K: tl.constexpr = False,  # LoRA K step mode: zgu is the stacked z [N, 2, width, BLOCK_R] (x.dtype)
-    PREFETCH: tl.constexpr = False,  # S <= SG: the present slots' B and down_A tiles issued before the main loop
-    COMPACT: tl.constexpr = False,  # LORA_K: z stacked by the block's own slots (_compact_slots), not by slot
+    PREFETCH: tl.constexpr = False,  # epilogue path: slot group 0's B and down_A tiles issued before the main loop
+    ONE_GROUP: tl.constexpr = False,  # epilogue path, S <= SG: the slots take one group (no loop past it)
+    COMPACT: tl.constexpr = False,  # the slots grouped (epilogue) or z stacked (LORA_K) by the block's own slots
     SP: tl.constexpr = 1,  # COMPACT: next power of two >= S
 ):
     if HAS_LORA:
@@ -165,20 +232,26 @@ def _gate_up_kernel(
                    + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wh)  # [BLOCK_K, BLOCK_N]
         wu_ptrs = wg_ptrs + I * stride_wn
         if HAS_LORA and not LORA_K:
-            # PREFETCH (one slot group): the B and down_A tiles of the slots present in the block are issued
-            # before the main loop (the slots came with the rows; nothing here depends on the shrink), so the
-            # epilogue waits only for the shrink's z, in L2, instead of a chain of loads from a saturated HBM
+            # the epilogues stack SG slots per dot. A block whose slots fit one group (every block when S <=
+            # SG; with COMPACT, one holding <= SG distinct slots, whatever S) takes that group alone (_first_group);
+            # the others loop over every registered slot's group. PREFETCH: the first group's B and down_A tiles
+            # are issued before the main loop (the slots came with the rows; nothing here depends on the
+            # shrink), so the epilogue waits only for the shrink's z, in L2, instead of a chain of loads from a
+            # saturated HBM
             offs_q = tl.arange(0, SG * BLOCK_R)
-            q_s = offs_q // BLOCK_R  # slot (within the group) of stacked column q
+            q_s = offs_q // BLOCK_R  # key (within the group) of stacked column q
             q_r = offs_q % BLOCK_R  # rank index of stacked column q
+            key0, n0, s_q0 = _first_group(slot, S, BLOCK_M, SG, BLOCK_R, SP, COMPACT)
+            first = n0 <= SG  # (the block's own slots fit one group: taken alone when not ONE_GROUP)
+            n_by_slot = S  # groups by slot: the one group (ONE_GROUP), else none when `first`, every one otherwise
+            if not ONE_GROUP:
+                n_by_slot = tl.where(first, 0, S)
             if PREFETCH:
-                m_q0 = (tl.max((slot[:, None] == q_s[None, :]).to(tl.int32), axis=0) > 0) & (q_r < R)  # present
-                bs0 = (gu_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
-                       + q_s.to(tl.int64)[:, None] * stride_bs + q_r[:, None] * stride_br)  # [SG*BLOCK_R, BLOCK_N]
+                m_q0 = (tl.max((key0[:, None] == q_s[None, :]).to(tl.int32), axis=0) > 0) & (q_r < R)  # present
+                bs0 = _b_tile(gu_b_ptr, expert, offs_n, s_q0, q_r, stride_bs, stride_be, stride_bn, stride_br)
                 bg0 = tl.load(bs0, mask=m_q0[:, None] & mask_n[None, :], other=0.0)
                 bu0 = tl.load(bs0 + I * stride_bn, mask=m_q0[:, None] & mask_n[None, :], other=0.0)
-                da0 = tl.load(d_a_ptr + expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di
-                              + q_s.to(tl.int64)[None, :] * stride_ds + q_r[None, :] * stride_dr,
+                da0 = tl.load(_da_tile(d_a_ptr, expert, offs_n, s_q0, q_r, stride_ds, stride_de, stride_dr, stride_di),
                               mask=mask_n[:, None] & m_q0[None, :], other=0.0)
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -229,7 +302,7 @@ def _gate_up_kernel(
         elif HAS_LORA:
             # gate_up expand before the activation: h += [B_gate z_gate ; B_up z_up]. Slots are stacked
             # SG at a time along the dot's K axis (column g*BLOCK_R + r holds z[:, r] of the rows whose
-            # slot is s0 + g, zero elsewhere): one dot and one masked tile load per group, no per-slot
+            # key is s0 + g, zero elsewhere): one dot and one masked tile load per group, no per-slot
             # branches, so the B loads of all present slots are in flight together.
             has = slot >= 0
             any_lora = tl.max(has.to(tl.int32), axis=0) > 0  # blocks without adapter rows skip it all
@@ -237,6 +310,8 @@ def _gate_up_kernel(
                 pdl_wait(USE_PDL)
                 z_row = zgu_ptr + rows.to(tl.int64)[:, None] * (SPLIT * 2 * BLOCK_R)  # [BLOCK_M, 1]
                 zs_row = zsh_ptr + token[:, None] * (SPLIT * 2 * BLOCK_R)
+                zg_own = z_row  # (SPLIT 1: unused)
+                zu_own = z_row
                 if SPLIT > 1:
                     # K-split partials: each row's own z summed once (narrow loads); the groups then
                     # mask it in registers (decode: 2 us less than SPLIT stacked masked loads per group)
@@ -251,33 +326,37 @@ def _gate_up_kernel(
                         if HAS_SHARED:
                             zg_own += tl.load(zsr_ptrs + sp * 2 * BLOCK_R, mask=has[:, None], other=0.0)
                             zu_own += tl.load(zsr_ptrs + sp * 2 * BLOCK_R + BLOCK_R, mask=has[:, None], other=0.0)
-                for s0 in range(0, S, SG):
+                if not ONE_GROUP:  # noqa: SIM102 - a constexpr test, then a runtime one
+                    if first:  # the block's own slots, one group
+                        sel = key0[:, None] == q_s[None, :]  # [BLOCK_M, SG*BLOCK_R]
+                        if PREFETCH:  # (the copies to shared memory here, not at the loads)
+                            bg = here(bg0, not CAST_FP32)
+                            bu = here(bu0, not CAST_FP32)
+                        else:
+                            m_b = ((tl.max(sel.to(tl.int32), axis=0) > 0) & (q_r < R))[:, None] & mask_n[None, :]
+                            bs_ptrs = _b_tile(gu_b_ptr, expert, offs_n, s_q0, q_r, stride_bs, stride_be, stride_bn,
+                                              stride_br)
+                            bg = tl.load(bs_ptrs, mask=m_b, other=0.0)
+                            bu = tl.load(bs_ptrs + I * stride_bn, mask=m_b, other=0.0)
+                        acc_g, acc_u = _gu_expand_group(acc_g, acc_u, sel, zg_own, zu_own, z_row, zs_row, q_r, bg,
+                                                        bu, BLOCK_M, SG, BLOCK_R, SPLIT, HAS_SHARED, CAST_FP32,
+                                                        DOT_PREC)
+                # by slot: the one group (ONE_GROUP), or every group for the blocks whose slots do not fit one
+                for s0 in range(0, n_by_slot, SG):
                     sel = slot[:, None] == (s0 + q_s)[None, :]  # [BLOCK_M, SG*BLOCK_R]
                     present = tl.max(sel.to(tl.int32), axis=0) > 0  # [SG*BLOCK_R]
                     if tl.max(present.to(tl.int32), axis=0) > 0:
-                        if SPLIT > 1:
-                            zg = tl.where(sel, _stack(zg_own, BLOCK_M, SG, BLOCK_R), 0.0)
-                            zu = tl.where(sel, _stack(zu_own, BLOCK_M, SG, BLOCK_R), 0.0)
-                        else:  # read straight into the stacked layout
-                            zg = tl.load(z_row + q_r[None, :], mask=sel, other=0.0)
-                            zu = tl.load(z_row + BLOCK_R + q_r[None, :], mask=sel, other=0.0)
-                            if HAS_SHARED:
-                                zg += tl.load(zs_row + q_r[None, :], mask=sel, other=0.0)
-                                zu += tl.load(zs_row + BLOCK_R + q_r[None, :], mask=sel, other=0.0)
-                        if PREFETCH:
-                            bg = here(bg0, not CAST_FP32)  # (the copy to shared memory here, not at the load)
+                        if PREFETCH and ONE_GROUP:
+                            bg = here(bg0, not CAST_FP32)
                             bu = here(bu0, not CAST_FP32)
                         else:
                             m_b = (present & (q_r < R))[:, None] & mask_n[None, :]
-                            bs_ptrs = (gu_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
-                                       + (s0 + q_s).to(tl.int64)[:, None] * stride_bs + q_r[:, None] * stride_br)
+                            bs_ptrs = _b_tile(gu_b_ptr, expert, offs_n, s0 + q_s, q_r, stride_bs, stride_be,
+                                              stride_bn, stride_br)
                             bg = tl.load(bs_ptrs, mask=m_b, other=0.0)
                             bu = tl.load(bs_ptrs + I * stride_bn, mask=m_b, other=0.0)
-                        if CAST_FP32:
-                            bg = bg.to(tl.float32)
-                            bu = bu.to(tl.float32)
-                        acc_g = tl.dot(zg.to(bg.dtype), bg, acc_g, input_precision=DOT_PREC)
-                        acc_u = tl.dot(zu.to(bu.dtype), bu, acc_u, input_precision=DOT_PREC)
+                        acc_g, acc_u = _gu_expand_group(acc_g, acc_u, sel, zg_own, zu_own, z_row, zs_row, q_r, bg, bu,
+                                                        BLOCK_M, SG, BLOCK_R, SPLIT, HAS_SHARED, CAST_FP32, DOT_PREC)
         act = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(act_ptr.dtype.element_ty)
         # act is read again by the down GEMM while expert weights stream through L2: keep it there
         tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :], act,
@@ -292,25 +371,30 @@ def _gate_up_kernel(
                 # down shrink, partial over this I tile: zdp[n, pid_n] = down_A[s, e][:, tile] a[n, tile],
                 # one stacked dot per slot group, then each row keeps its own slot's column block
                 zd = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-                da_ptrs = (d_a_ptr + expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di
-                           + q_r[None, :] * stride_dr)  # [BLOCK_N, SG*BLOCK_R]
                 a_op = act
                 if CAST_FP32:
                     a_op = act.to(tl.float32)
-                for s0 in range(0, S, SG):
-                    sel = slot[:, None] == (s0 + q_s)[None, :]
-                    present = tl.max(sel.to(tl.int32), axis=0) > 0
-                    if tl.max(present.to(tl.int32), axis=0) > 0:
+                if not ONE_GROUP:  # noqa: SIM102 - a constexpr test, then a runtime one
+                    if first:
+                        sel = key0[:, None] == q_s[None, :]
                         if PREFETCH:
                             da = here(da0, not CAST_FP32)
                         else:
+                            m_d = mask_n[:, None] & ((tl.max(sel.to(tl.int32), axis=0) > 0) & (q_r < R))[None, :]
+                            da = tl.load(_da_tile(d_a_ptr, expert, offs_n, s_q0, q_r, stride_ds, stride_de, stride_dr,
+                                                  stride_di), mask=m_d, other=0.0)
+                        zd = _zd_group(zd, a_op, sel, da, BLOCK_M, SG, BLOCK_R, CAST_FP32, DOT_PREC)
+                for s0 in range(0, n_by_slot, SG):
+                    sel = slot[:, None] == (s0 + q_s)[None, :]
+                    present = tl.max(sel.to(tl.int32), axis=0) > 0
+                    if tl.max(present.to(tl.int32), axis=0) > 0:
+                        if PREFETCH and ONE_GROUP:
+                            da = here(da0, not CAST_FP32)
+                        else:
                             m_d = mask_n[:, None] & (present & (q_r < R))[None, :]
-                            da = tl.load(da_ptrs + (s0 + q_s).to(tl.int64)[None, :] * stride_ds, mask=m_d,
-                                         other=0.0)
-                        if CAST_FP32:
-                            da = da.to(tl.float32)
-                        zw = tl.where(sel, tl.dot(a_op, da, input_precision=DOT_PREC), 0.0)  # [BLOCK_M, SG*R]
-                        zd += tl.sum(tl.reshape(zw, [BLOCK_M, SG, BLOCK_R]), axis=1)
+                            da = tl.load(_da_tile(d_a_ptr, expert, offs_n, s0 + q_s, q_r, stride_ds, stride_de,
+                                                  stride_dr, stride_di), mask=m_d, other=0.0)
+                        zd = _zd_group(zd, a_op, sel, da, BLOCK_M, SG, BLOCK_R, CAST_FP32, DOT_PREC)
                 offs_r = tl.arange(0, BLOCK_R)
                 zdp_ptrs = zdp_ptr + (rows.to(tl.int64)[:, None] * num_pid_n + pid_n) * BLOCK_R + offs_r[None, :]
                 tl.store(zdp_ptrs, zd, mask=has[:, None])

@@ -11,7 +11,14 @@ import triton
 import triton.language as tl
 
 from lorax.kernels._common import here, pdl_trigger, pdl_wait, wait_count
-from lorax.kernels.fused_moe_kernels import _block_rows, _k_step_columns, _stack, _stacked_b
+from lorax.kernels.fused_moe_kernels import (
+    _b_tile,
+    _block_rows,
+    _first_group,
+    _k_step_columns,
+    _stack,
+    _stacked_b,
+)
 
 
 @triton.jit
@@ -33,6 +40,15 @@ def _sum_partials(ptrs, row_mask, offs_t, BLOCK_M: tl.constexpr, WIDTH: tl.const
             m = row_mask & ((t0 + offs_t) < NT)[None, :, None]
             acc += tl.sum(tl.load(ptrs + t0 * STRIDE_T, mask=m, other=0.0), axis=1)
     return acc
+
+
+@triton.jit
+def _down_expand_group(acc, zs, sel, db, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One slot group of the down expand: acc += z_d(stacked: zs masked to each row's own column block by sel)
+    down_B(stacked, db: [SG*BLOCK_R, BLOCK_N])."""
+    if CAST_FP32:
+        db = db.to(tl.float32)
+    return tl.dot(tl.where(sel, zs, 0.0).to(db.dtype), db, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -63,12 +79,12 @@ def _down_kernel(
     EVEN_K: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
     USE_PDL: tl.constexpr,
     LORA_K: tl.constexpr = False,  # LoRA K step mode: act's columns [I, I + width*BLOCK_R) hold z_d stacked
-    ONE_GROUP: tl.constexpr = False,  # S <= SG: the epilogue's slot loop takes one group
-    PREFETCH: tl.constexpr = False,  # ONE_GROUP: the present slots' down_B tiles issued before the main loop
-    HOIST_Z: tl.constexpr = 0,  # ONE_GROUP: NT_GU rounded up to a power of two when the z_d partials are
+    PREFETCH: tl.constexpr = False,  # epilogue path: slot group 0's down_B tiles issued before the main loop
+    ONE_GROUP: tl.constexpr = False,  # epilogue path, S <= SG: the slots take one group (no loop)
+    HOIST_Z: tl.constexpr = 0,  # epilogue path: NT_GU rounded up to a power of two when the z_d partials are
     # issued before the main loop (held in registers across it), else 0
     WAIT_READY: tl.constexpr = False,  # LORA_K with PDL: wait per block on the counters, not for the grids
-    COMPACT: tl.constexpr = False,  # LORA_K: z_d stacked by the block's own slots (as the gate_up kernel's z)
+    COMPACT: tl.constexpr = False,  # the slots grouped (epilogue) or z_d stacked (LORA_K) by the block's own slots
     SP: tl.constexpr = 1,  # COMPACT: a power of two >= S
 ):
     # the alignment (and the token slots) were written two or more launches back: read before the wait
@@ -80,18 +96,20 @@ def _down_kernel(
     rows64 = rows.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < H
-    if HAS_LORA and not LORA_K and ONE_GROUP:
-        # with PREFETCH, the down_B tiles of the slots present in the block are issued while the gate_up
-        # kernel still runs (they do not come from it)
+    if HAS_LORA and not LORA_K:
+        # the epilogue stacks SG slots per dot: a block whose slots fit the first group takes it alone
+        # (fused_moe_kernels._first_group), the others (past one group) take one slot at a time. With PREFETCH,
+        # the first group's down_B tiles are issued while the gate_up kernel still runs (they do not come
+        # from it)
         has = slot >= 0
         offs_q = tl.arange(0, SG * BLOCK_R)
         q_s = offs_q // BLOCK_R
         q_r = offs_q % BLOCK_R
-        db_ptrs = (d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
-                   + q_s.to(tl.int64)[:, None] * stride_bs + q_r[:, None] * stride_br)  # [SG*BLOCK_R, BLOCK_N]
+        key0, n0, s_q0 = _first_group(slot, S, BLOCK_M, SG, BLOCK_R, SP, COMPACT)
         if PREFETCH:
-            present0 = tl.max((slot[:, None] == q_s[None, :]).to(tl.int32), axis=0) > 0
-            db0 = tl.load(db_ptrs, mask=(present0 & (q_r < R))[:, None] & (mask_n & ok)[None, :], other=0.0)
+            present0 = tl.max((key0[:, None] == q_s[None, :]).to(tl.int32), axis=0) > 0
+            db0 = tl.load(_b_tile(d_b_ptr, expert, offs_n, s_q0, q_r, stride_bs, stride_be, stride_bn, stride_br),
+                          mask=(present0 & (q_r < R))[:, None] & (mask_n & ok)[None, :], other=0.0)
     if WAIT_READY:
         # the block's act is complete once the gate_up kernel counted all its I tiles (this launch starts when
         # every down-shrink program, hence every gate_up program, has started: the counts will come)
@@ -103,7 +121,7 @@ def _down_kernel(
         pdl_trigger(USE_PDL)
     if ok:
         offs_k = tl.arange(0, BLOCK_K)
-        if HAS_LORA and not LORA_K and ONE_GROUP and HOIST_Z > 0:
+        if HAS_LORA and not LORA_K and HOIST_Z > 0:
             # the rows' own z_d partials (narrow: [BLOCK_M, NT_GU, BLOCK_R]), in flight during the main loop
             offs_t = tl.arange(0, HOIST_Z)
             offs_r = tl.arange(0, BLOCK_R)
@@ -147,9 +165,10 @@ def _down_kernel(
                         zt = zt.to(tl.float32)
                         db = db.to(tl.float32)
                     acc = tl.dot(zt, db, acc, input_precision=DOT_PREC)
-        elif HAS_LORA and ONE_GROUP:
+        elif HAS_LORA:  # noqa: SIM102 - a constexpr test, then a runtime one
             if tl.max(has.to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it all
-                # z_d: each row's own partials summed (narrow), then stacked by slot in registers; one dot
+                # z_d: each row's own partials summed (narrow), then stacked by key in registers, one dot per
+                # slot group
                 offs_r = tl.arange(0, BLOCK_R)
                 if HOIST_Z > 0:
                     zd = tl.sum(z_parts, axis=1)
@@ -158,53 +177,34 @@ def _down_kernel(
                     zd = _sum_partials(zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R)
                                        + offs_t[None, :, None] * BLOCK_R + offs_r[None, None, :],
                                        has[:, None, None], offs_t, BLOCK_M, BLOCK_R, BLOCK_R, NT_GU, NT_CHUNK)
-                sel = slot[:, None] == q_s[None, :]
-                zs = tl.where(sel, _stack(zd, BLOCK_M, SG, BLOCK_R), 0.0)
-                if PREFETCH:
-                    db = here(db0, not CAST_FP32)  # (its copy to shared memory here, not at the load)
+                zs = _stack(zd, BLOCK_M, SG, BLOCK_R)
+                if ONE_GROUP:
+                    first = True
                 else:
-                    present = tl.max(sel.to(tl.int32), axis=0) > 0
-                    db = tl.load(db_ptrs, mask=(present & (q_r < R))[:, None] & mask_n[None, :], other=0.0)
-                if CAST_FP32:
-                    db = db.to(tl.float32)
-                acc = tl.dot(zs.to(db.dtype), db, acc, input_precision=DOT_PREC)
+                    first = n0 <= SG
+                if first:  # the one group (ONE_GROUP), or the block's own slots in one group
+                    sel = key0[:, None] == q_s[None, :]
+                    if PREFETCH:
+                        db = here(db0, not CAST_FP32)  # (its copy to shared memory here, not at the load)
+                    else:
+                        present = tl.max(sel.to(tl.int32), axis=0) > 0
+                        db = tl.load(_b_tile(d_b_ptr, expert, offs_n, s_q0, q_r, stride_bs, stride_be, stride_bn,
+                                             stride_br),
+                                     mask=(present & (q_r < R))[:, None] & mask_n[None, :], other=0.0)
+                    acc = _down_expand_group(acc, zs, sel, db, CAST_FP32, DOT_PREC)
+                if not ONE_GROUP:
+                    # the blocks whose slots do not fit one group (rare): one slot at a time, whose narrow tiles
+                    # keep this loop's registers below the rest of the kernel's (stacked groups here spilled)
+                    offs_rr = tl.arange(0, BLOCK_R)
+                    for s in range(0, tl.where(first, 0, S)):
+                        own = slot == s
+                        if tl.max(own.to(tl.int32), axis=0) > 0:
+                            db = tl.load(_b_tile(d_b_ptr, expert, offs_n, offs_rr * 0 + s, offs_rr, stride_bs, stride_be,
+                                                 stride_bn, stride_br),
+                                         mask=(offs_rr < R)[:, None] & mask_n[None, :], other=0.0)
+                            acc = _down_expand_group(acc, zd, own[:, None], db, CAST_FP32, DOT_PREC)
                 if HAS_SHARED:  # noqa: SIM102 - a constexpr test, then a runtime one
                     if pid_n == 0:  # w * z_d per pair for the shared-outer expand in the top-k sum
-                        tl.store(zdw_ptr + rows64[:, None] * BLOCK_R + offs_r[None, :], zd * w[:, None],
-                                 mask=has[:, None])
-        elif HAS_LORA:
-            has = slot >= 0
-            if tl.max(has.to(tl.int32), axis=0) > 0:  # blocks without adapter rows skip it all
-                # z_d = sum of the gate_up kernel's per-I-tile partials, read (NT_CHUNK tiles per vector
-                # load) straight into the slot-stacked layout, then one stacked dot with down_B per group
-                offs_q = tl.arange(0, SG * BLOCK_R)
-                q_s = offs_q // BLOCK_R
-                q_r = offs_q % BLOCK_R
-                offs_t = tl.arange(0, NT_CHUNK)
-                zp_ptrs = (zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R) + offs_t[None, :, None] * BLOCK_R
-                           + q_r[None, None, :])  # [BLOCK_M, NT_CHUNK, SG*BLOCK_R]
-                db_ptrs = (d_b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
-                           + q_r[:, None] * stride_br)  # [SG*BLOCK_R, BLOCK_N]
-                for s0 in range(0, S, SG):
-                    sel = slot[:, None] == (s0 + q_s)[None, :]
-                    present = tl.max(sel.to(tl.int32), axis=0) > 0
-                    if tl.max(present.to(tl.int32), axis=0) > 0:
-                        db = tl.load(db_ptrs + (s0 + q_s).to(tl.int64)[:, None] * stride_bs,
-                                     mask=(present & (q_r < R))[:, None] & mask_n[None, :], other=0.0)
-                        zw = _sum_partials(zp_ptrs, sel[:, None, :], offs_t, BLOCK_M, SG * BLOCK_R, BLOCK_R,
-                                           NT_GU, NT_CHUNK)
-                        if CAST_FP32:
-                            db = db.to(tl.float32)
-                        acc = tl.dot(zw.to(db.dtype), db, acc, input_precision=DOT_PREC)
-                if HAS_SHARED:  # noqa: SIM102 - a constexpr test, then a runtime one
-                    if pid_n == 0:
-                        # w * z_d per pair for the shared-outer expand in the top-k sum (narrow layout);
-                        # rows of pairs without an adapter are not written: the top-k sum masks them
-                        offs_r = tl.arange(0, BLOCK_R)
-                        zn_ptrs = (zdp_ptr + rows64[:, None, None] * (NT_GU * BLOCK_R)
-                                   + offs_t[None, :, None] * BLOCK_R + offs_r[None, None, :])
-                        zd = _sum_partials(zn_ptrs, has[:, None, None], offs_t, BLOCK_M, BLOCK_R, BLOCK_R,
-                                           NT_GU, NT_CHUNK)
                         tl.store(zdw_ptr + rows64[:, None] * BLOCK_R + offs_r[None, :], zd * w[:, None],
                                  mask=has[:, None])
         acc = acc * w[:, None]

@@ -195,14 +195,14 @@ def moe_lora_shrink(
     Rows whose slot is -1 (and padding) are left untouched; consumers never read them unmasked.
     stacked (the LoRA K step, split 1, no shared-outer): zgu is [T*k, 2, S, BLOCK_R] in x.dtype, every row
     of a block with adapter rows written (zeros outside the row's own slot), other blocks untouched.
-    compact (with stacked): zgu is [T*k, 2, min(S, block_m), BLOCK_R], column block c of a row holding the
-    block's c-th distinct slot (`compact_width`, fused_moe_kernels._compact_slots); only the first (number
-    of distinct slots in the block) column blocks are written.
+    compact: the slots are grouped by each block's own distinct slots (fused_moe_kernels._compact_slots), so a
+    block's work follows the slots it holds, not the registered ones. The narrow layout is unchanged; with
+    stacked, zgu is [T*k, 2, min(S, block_m), BLOCK_R], column block c of a row holding the block's c-th
+    distinct slot (`compact_width`); only the first (number of distinct slots in the block) column blocks are
+    written.
     """
     if stacked and (split != 1 or zsh is not None):
         raise ValueError("moe_lora_shrink: the stacked layout takes split 1 and no shared-outer adapters")
-    if compact and not stacked:
-        raise ValueError("moe_lora_shrink: compact is a form of the stacked layout")
     T, H = x.shape
     S, E, two_r, _ = lora.gate_up_A.shape
     R = two_r // 2

@@ -145,7 +145,7 @@ def _moe_lora_shrink_kernel(
     USE_PDL: tl.constexpr,
     STACKED: tl.constexpr = False,  # zgu is the [N, 2, width, BLOCK_R] stacked z (x.dtype) of the LoRA K step
     SUB_M: tl.constexpr = 0,  # rows per program (a divisor of BLOCK_M; 0: BLOCK_M)
-    COMPACT: tl.constexpr = False,  # STACKED: stacked by the block's own slots (fused_moe_kernels._compact_slots)
+    COMPACT: tl.constexpr = False,  # slot groups (STACKED: the stacking) by the block's own slots (_compact_slots)
     SP: tl.constexpr = 1,  # COMPACT: a power of two >= S
 ):
     # grid: (max_blocks * BLOCK_M / SUB_M [+ token blocks of SUB_M when HAS_SHARED], SPLIT)
@@ -167,7 +167,9 @@ def _moe_lora_shrink_kernel(
             cslot = rows  # (COMPACT only)
             cidx = rows
             n_c = 0
-            if STACKED:  # only blocks with adapter rows (the whole block's): the GEMMs skip the others' K step
+            if STACKED or COMPACT:
+                # only blocks with adapter rows (the whole block's): the GEMMs skip the others' K step, and
+                # without one (epilogue path) the block has nothing to write
                 slot_b, run = _block_slots(sorted_ids_ptr, token_slot_ptr, blk, N, TOPK, BLOCK_M)
                 cslot, cidx, n_c = _sub_block_compaction(slot_b, pid % NSUB, SM, BLOCK_M, SP, COMPACT)
             if run:
@@ -181,11 +183,18 @@ def _moe_lora_shrink_kernel(
     elif HAS_SHARED:
         # role 2: one block of tokens against the shared-outer A (once per token, not per pair)
         tok_rows = (pid - max_blocks * NSUB) * SM + offs_m
+        cslot = tok_rows  # (COMPACT only)
+        cidx = tok_rows
+        n_c = 0
+        if COMPACT:  # grouped by the block's own slots, as the per-pair rows
+            cslot, cidx, n_c = _compact_slots(tl.load(token_slot_ptr + tok_rows, mask=tok_rows < T, other=-1), SM,
+                                              SP)
         _shrink_rows(
             x_ptr, sh_a_ptr, zsh_ptr, token_slot_ptr,
             tok_rows, tok_rows < T, tok_rows, tok_rows, H, S, R, k_chunk, 0,
             stride_xt, stride_xh, stride_ss, stride_sr, stride_sh,
-            SM, BLOCK_K, BLOCK_R, SPLIT, SG, CAST_FP32, DOT_PREC,
+            SM, BLOCK_K, BLOCK_R, SPLIT, SG, CAST_FP32, DOT_PREC, 2, False,
+            cidx, cslot, n_c, COMPACT,
         )
 
 

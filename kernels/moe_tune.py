@@ -244,10 +244,11 @@ def compile_check() -> int:
               f"stages={options.num_stages} {meta}", flush=True)
         return None
 
-    def drive(T: int, H: int, I: int, E: int, k: int, dtype: torch.dtype, lora: str, cfg: dict | None) -> None:
+    def drive(T: int, H: int, I: int, E: int, k: int, dtype: torch.dtype, lora: str, cfg: dict | None,
+              S: int = 4) -> None:
         x = torch.empty(T, H, dtype=dtype)
         w13, w2 = torch.empty(E, 2 * I, H, dtype=dtype), torch.empty(E, H, I, dtype=dtype)
-        S, R = 4, 16
+        R = 16
         lo = None
         if lora:
             shared = lora == "shared"
@@ -282,6 +283,9 @@ def compile_check() -> int:
                        (2048, compact[1]), (2048, compact[2])):
             for lora in ("", "lora", "shared"):
                 drive(T, 2048, 768, 128, 8, torch.bfloat16, lora, cfg)
+        for cfg in (small, small_p):  # 40 slots: the epilogue path's slot groups by each block's own slots
+            for lora in ("lora", "shared"):
+                drive(8, 2048, 768, 128, 8, torch.bfloat16, lora, cfg, S=40)
         drive(1, 4096, 14336, 8, 2, torch.bfloat16, "lora", None)  # Mixtral: wide I, partials summed in a loop
         drive(5, 96, 40, 6, 2, torch.float16, "shared", None)  # odd sizes, default config
         drive(200, 96, 40, 1024, 8, torch.bfloat16, "", None)  # 1024 experts: the prefix sum's own launch

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_fused_moe import TOL, assert_close, make_moe, ref_fp32
 
-from lorax.kernels.fused_moe import fused_moe
+from lorax.kernels.fused_moe import fused_moe, moe_config
 from lorax.kernels.moe_align import moe_align
 from lorax.kernels.moe_lora import MoELoraArgs, lora_block_r, moe_lora_shrink, use_compact
 
@@ -111,6 +111,26 @@ def test_slot_stacking_widths(device: str, block_m: int, stack_elems: int) -> No
                  torch.float32)
 
 
+@pytest.mark.parametrize("block_m,split,prefetch,E", [(16, 3, 1, 2), (16, 1, 1, 2), (16, 2, 0, 2), (32, 1, 0, 2),
+                                                       (16, 3, 1, 12), (16, 1, 0, 12)])
+def test_epilogue_slot_groups_by_the_blocks_slots(device: str, block_m: int, split: int, prefetch: int,
+                                                  E: int) -> None:
+    """The epilogue path with more slots than one group: grouped by each block's own distinct slots (COMPACT,
+    the default there), with group 0's tiles prefetched or not, equals the reference and the grouping by every
+    registered slot; mixed ranks, empty slots, shared-outer slots, tokens without an adapter and sentinel
+    experts; 2 experts: blocks holding up to 16 distinct slots (past one group: by slot), 12 experts: blocks of a
+    few rows (one group of their own slots)."""
+    T, H, I, k, S = 23, 40, 24, 2, 19
+    x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.float32, device, -1, E + 1)
+    ranks = [[1, 16, 4, None, 8][s % 5] for s in range(S)]
+    lora = make_lora(T, H, I, E, ranks, _slots("mixed", T, S), torch.float32, device, (2, 11))
+    cfg = dict(BLOCK_M=block_m, BLOCK_N_GU=16, BLOCK_K_GU=16, BLOCK_N_D=16, BLOCK_K_D=16, GROUP_M=1, SPLIT=split,
+               num_warps=4, num_stages=1, PREFETCH=prefetch)
+    got = fused_moe(x, w13, w2, w, ids, lora, config=cfg)
+    assert_close(got, ref_fp32(x, w13, w2, w, ids, lora), torch.float32)
+    assert_close(got, fused_moe(x, w13, w2, w, ids, lora, config={**cfg, "COMPACT": 0}), torch.float32)
+
+
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_wide_intermediate_partials_loop(device: str, block_m: int) -> None:
     """I / BLOCK_N_GU = 33 down-shrink partials per pair. BLOCK_M 64: one slot per group and 4 partials per
@@ -195,7 +215,8 @@ def test_lora_k_step_compact_matches_ref(device: str, dtype: torch.dtype, name: 
 def test_compact_stacked_shrink_layout(device: str) -> None:
     """moe_lora_shrink(stacked=True, compact=True): a row's z sits in the column block of its slot's index
     among the block's distinct slots (in ascending order), zeros in the block's other
-    column blocks; rows with slot -1 get zeros; blocks without adapter rows are not written."""
+    column blocks; rows with slot -1 get zeros; blocks without adapter rows are not written. Without stacked,
+    compact changes only the order of the work."""
     T, H, E, k, S, R = 10, 24, 2, 1, 6, 4
     br = lora_block_r(R)
     x = torch.randn(T, H, device=device)
@@ -223,9 +244,22 @@ def test_compact_stacked_shrink_layout(device: str) -> None:
             c = distinct.index(s)
             want[0, c, :R], want[1, c, :R] = z[:R], z[R:]
         torch.testing.assert_close(out[n, :, :len(distinct)], want, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="compact"):
-        moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, k, 16, 1, out, None,
-                        compact=True)
+    # the narrow layout (epilogue path) grouped by the block's slots: the same z as grouped by every slot, in
+    # each row's own place; rows without an adapter are not written
+    for split in (1, 3):
+        narrow = {c: torch.full((T * k, split, 2, br), 7.0, device=device) for c in (False, True)}
+        for c, buf in narrow.items():
+            moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, k, 16, split, buf,
+                            None, compact=c, block_k=16)
+        assert torch.equal(narrow[True], narrow[False])
+        for n in range(T * k):
+            s = int(slot[n // k])
+            if s < 0:
+                assert torch.equal(narrow[True][n], torch.full_like(narrow[True][n], 7.0))
+            else:
+                z = narrow[True][n].sum(0)
+                want = gu_a[s, 0] @ x[n // k]
+                torch.testing.assert_close(torch.cat([z[0, :R], z[1, :R]]), want, rtol=1e-4, atol=1e-4)
 
 
 def test_use_compact_follows_the_share_of_slots_a_block_holds() -> None:
@@ -328,3 +362,20 @@ def test_lora_k_step_gpu(dtype: torch.dtype, T: int, bm: int, sub_m: int | None,
                num_warps=8 if bm == 128 else 4, num_stages=3, LORA_K=1, COMPACT=compact,
                **({"SHRINK_M": sub_m} if sub_m else {}))
     assert_close(fused_moe(x, w13, w2, w, ids, lora, config=cfg), ref_fp32(x, w13, w2, w, ids, lora), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,S,used", [(1, 40, 40), (8, 40, 40), (32, 40, 40), (32, 40, 3), (8, 8, 8)])
+def test_epilogue_slot_groups_gpu(T: int, S: int, used: int) -> None:
+    """The decode (epilogue) path with more slots than one group, at the Qwen3-30B-A3B layer and its tuned
+    configs: each block's slots grouped by the block's own (COMPACT, the default there), the tiles of the first
+    group prefetched at 1 and 8 tokens, and the grouping by every slot (COMPACT 0)."""
+    H, I, E, k = 2048, 768, 128, 8
+    x, w13, w2, w, ids = make_moe(T, H, I, E, k, torch.bfloat16, "cuda", -1, E)
+    ranks = [[16, 8, None, 4][s % 4] for s in range(S)]
+    slots = torch.randint(-1, used, (T,), dtype=torch.int32)
+    lora = make_lora(T, H, I, E, ranks, slots, torch.bfloat16, "cuda")
+    ref = ref_fp32(x, w13, w2, w, ids, lora)
+    assert_close(fused_moe(x, w13, w2, w, ids, lora), ref, torch.bfloat16)
+    cfg = moe_config(T, k, E, H, I, torch.device("cuda"), True)
+    assert_close(fused_moe(x, w13, w2, w, ids, lora, config={**cfg, "COMPACT": 0}), ref, torch.bfloat16)
