@@ -11,14 +11,8 @@ import triton
 import triton.language as tl
 
 from lorax.kernels._common import here, pdl_trigger, pdl_wait, wait_count
-from lorax.kernels.fused_moe_kernels import (
-    _b_tile,
-    _block_rows,
-    _first_group,
-    _k_step_columns,
-    _stack,
-    _stacked_b,
-)
+from lorax.kernels.fused_moe_kernels import _block_rows
+from lorax.kernels.moe_lora_tiles import _b_tile, _first_group, _k_step_columns, _stack, _stacked_b
 
 
 @triton.jit
@@ -98,7 +92,7 @@ def _down_kernel(
     mask_n = offs_n < H
     if HAS_LORA and not LORA_K:
         # the epilogue stacks SG slots per dot: a block whose slots fit the first group takes it alone
-        # (fused_moe_kernels._first_group), the others (past one group) take one slot at a time. With PREFETCH,
+        # (moe_lora_tiles._first_group), the others (past one group) take one slot at a time. With PREFETCH,
         # the first group's down_B tiles are issued while the gate_up kernel still runs (they do not come
         # from it)
         has = slot >= 0

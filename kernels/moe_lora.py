@@ -195,7 +195,7 @@ def moe_lora_shrink(
     Rows whose slot is -1 (and padding) are left untouched; consumers never read them unmasked.
     stacked (the LoRA K step, split 1, no shared-outer): zgu is [T*k, 2, S, BLOCK_R] in x.dtype, every row
     of a block with adapter rows written (zeros outside the row's own slot), other blocks untouched.
-    compact: the slots are grouped by each block's own distinct slots (fused_moe_kernels._compact_slots), so a
+    compact: the slots are grouped by each block's own distinct slots (moe_lora_tiles._compact_slots), so a
     block's work follows the slots it holds, not the registered ones. The narrow layout is unchanged; with
     stacked, zgu is [T*k, 2, min(S, block_m), BLOCK_R], column block c of a row holding the block's c-th
     distinct slot (`compact_width`); only the first (number of distinct slots in the block) column blocks are

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from lorax.kernels._common import pdl_trigger, pdl_wait, wait_count
-from lorax.kernels.fused_moe_kernels import _column_slots, _compact_slots, _stack_width
+from lorax.kernels.moe_lora_tiles import _column_slots, _compact_slots, _stack_width
 
 
 @triton.jit
