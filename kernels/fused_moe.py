@@ -339,7 +339,7 @@ def fused_moe(
     sg = _epilogue_slot_group(S, br, cfg)
     nt_p2 = triton.next_power_of_2(nt_gu)
     prefetch = bool(cfg.get("PREFETCH", 0)) and (sg >= S or compact)
-    nt_chunk = max(1, min(nt_p2, 4096 // (bm * sg * br)))
+    nt_chunk = max(1, min(nt_p2, 4096 // (bm * br)))  # the down kernel sums each row's own partials
     _gate_up_kernel[(max_blocks * nt_gu,)](
         x, w13, buf.act, align.sorted_ids, align.block_expert, align.num_padded,
         row_slot, buf.zgu, buf.zsh, gu_b, d_a, buf.zdp, act_ready,

@@ -17,11 +17,12 @@ import triton.language as tl
 
 from lorax.kernels._common import here, pdl_trigger, pdl_wait
 from lorax.kernels.moe_lora_tiles import (
-    _b_tile,
-    _da_tile,
     _first_group,
     _gu_expand_group,
     _k_step_columns,
+    _load_da,
+    _load_gate_up_b,
+    _present,
     _stack_width,
     _stacked_b,
     _zd_group,
@@ -121,12 +122,11 @@ def _gate_up_kernel(
             if not ONE_GROUP:
                 n_by_slot = tl.where(first, 0, S)
             if PREFETCH:
-                m_q0 = (tl.max((key0[:, None] == q_s[None, :]).to(tl.int32), axis=0) > 0) & (q_r < R)  # present
-                bs0 = _b_tile(gu_b_ptr, expert, offs_n, s_q0, q_r, stride_bs, stride_be, stride_bn, stride_br)
-                bg0 = tl.load(bs0, mask=m_q0[:, None] & mask_n[None, :], other=0.0)
-                bu0 = tl.load(bs0 + I * stride_bn, mask=m_q0[:, None] & mask_n[None, :], other=0.0)
-                da0 = tl.load(_da_tile(d_a_ptr, expert, offs_n, s_q0, q_r, stride_ds, stride_de, stride_dr, stride_di),
-                              mask=mask_n[:, None] & m_q0[None, :], other=0.0)
+                m_q0 = _present(key0[:, None] == q_s[None, :], q_r, R)
+                bg0, bu0 = _load_gate_up_b(gu_b_ptr, I, expert, offs_n, s_q0, q_r, m_q0, mask_n,
+                                           stride_bs, stride_be, stride_bn, stride_br)
+                da0 = _load_da(d_a_ptr, expert, offs_n, s_q0, q_r, m_q0, mask_n, stride_ds, stride_de, stride_dr,
+                               stride_di)
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, H, BLOCK_K):
@@ -207,11 +207,9 @@ def _gate_up_kernel(
                             bg = here(bg0, not CAST_FP32)
                             bu = here(bu0, not CAST_FP32)
                         else:
-                            m_b = ((tl.max(sel.to(tl.int32), axis=0) > 0) & (q_r < R))[:, None] & mask_n[None, :]
-                            bs_ptrs = _b_tile(gu_b_ptr, expert, offs_n, s_q0, q_r, stride_bs, stride_be, stride_bn,
-                                              stride_br)
-                            bg = tl.load(bs_ptrs, mask=m_b, other=0.0)
-                            bu = tl.load(bs_ptrs + I * stride_bn, mask=m_b, other=0.0)
+                            m_b = _present(sel, q_r, R)
+                            bg, bu = _load_gate_up_b(gu_b_ptr, I, expert, offs_n, s_q0, q_r, m_b, mask_n,
+                                                     stride_bs, stride_be, stride_bn, stride_br)
                         acc_g, acc_u = _gu_expand_group(acc_g, acc_u, sel, zg_own, zu_own, z_row, zs_row, q_r, bg,
                                                         bu, BLOCK_M, SG, BLOCK_R, SPLIT, HAS_SHARED, CAST_FP32,
                                                         DOT_PREC)
@@ -224,11 +222,9 @@ def _gate_up_kernel(
                             bg = here(bg0, not CAST_FP32)
                             bu = here(bu0, not CAST_FP32)
                         else:
-                            m_b = (present & (q_r < R))[:, None] & mask_n[None, :]
-                            bs_ptrs = _b_tile(gu_b_ptr, expert, offs_n, s0 + q_s, q_r, stride_bs, stride_be,
-                                              stride_bn, stride_br)
-                            bg = tl.load(bs_ptrs, mask=m_b, other=0.0)
-                            bu = tl.load(bs_ptrs + I * stride_bn, mask=m_b, other=0.0)
+                            m_b = present & (q_r < R)
+                            bg, bu = _load_gate_up_b(gu_b_ptr, I, expert, offs_n, s0 + q_s, q_r, m_b, mask_n,
+                                                     stride_bs, stride_be, stride_bn, stride_br)
                         acc_g, acc_u = _gu_expand_group(acc_g, acc_u, sel, zg_own, zu_own, z_row, zs_row, q_r, bg, bu,
                                                         BLOCK_M, SG, BLOCK_R, SPLIT, HAS_SHARED, CAST_FP32, DOT_PREC)
         act = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(act_ptr.dtype.element_ty)
@@ -254,9 +250,8 @@ def _gate_up_kernel(
                         if PREFETCH:
                             da = here(da0, not CAST_FP32)
                         else:
-                            m_d = mask_n[:, None] & ((tl.max(sel.to(tl.int32), axis=0) > 0) & (q_r < R))[None, :]
-                            da = tl.load(_da_tile(d_a_ptr, expert, offs_n, s_q0, q_r, stride_ds, stride_de, stride_dr,
-                                                  stride_di), mask=m_d, other=0.0)
+                            da = _load_da(d_a_ptr, expert, offs_n, s_q0, q_r, _present(sel, q_r, R), mask_n,
+                                          stride_ds, stride_de, stride_dr, stride_di)
                         zd = _zd_group(zd, a_op, sel, da, BLOCK_M, SG, BLOCK_R, CAST_FP32, DOT_PREC)
                 for s0 in range(0, n_by_slot, SG):
                     sel = slot[:, None] == (s0 + q_s)[None, :]
@@ -265,9 +260,8 @@ def _gate_up_kernel(
                         if PREFETCH and ONE_GROUP:
                             da = here(da0, not CAST_FP32)
                         else:
-                            m_d = mask_n[:, None] & (present & (q_r < R))[None, :]
-                            da = tl.load(_da_tile(d_a_ptr, expert, offs_n, s0 + q_s, q_r, stride_ds, stride_de,
-                                                  stride_dr, stride_di), mask=m_d, other=0.0)
+                            da = _load_da(d_a_ptr, expert, offs_n, s0 + q_s, q_r, present & (q_r < R), mask_n,
+                                          stride_ds, stride_de, stride_dr, stride_di)
                         zd = _zd_group(zd, a_op, sel, da, BLOCK_M, SG, BLOCK_R, CAST_FP32, DOT_PREC)
                 offs_r = tl.arange(0, BLOCK_R)
                 zdp_ptrs = zdp_ptr + (rows.to(tl.int64)[:, None] * num_pid_n + pid_n) * BLOCK_R + offs_r[None, :]

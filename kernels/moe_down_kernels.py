@@ -12,7 +12,14 @@ import triton.language as tl
 
 from lorax.kernels._common import here, pdl_trigger, pdl_wait, wait_count
 from lorax.kernels.fused_moe_kernels import _block_rows
-from lorax.kernels.moe_lora_tiles import _b_tile, _first_group, _k_step_columns, _stack, _stacked_b
+from lorax.kernels.moe_lora_tiles import (
+    _first_group,
+    _k_step_columns,
+    _load_b,
+    _present,
+    _stack,
+    _stacked_b,
+)
 
 
 @triton.jit
@@ -101,9 +108,8 @@ def _down_kernel(
         q_r = offs_q % BLOCK_R
         key0, n0, s_q0 = _first_group(slot, S, BLOCK_M, SG, BLOCK_R, SP, COMPACT)
         if PREFETCH:
-            present0 = tl.max((key0[:, None] == q_s[None, :]).to(tl.int32), axis=0) > 0
-            db0 = tl.load(_b_tile(d_b_ptr, expert, offs_n, s_q0, q_r, stride_bs, stride_be, stride_bn, stride_br),
-                          mask=(present0 & (q_r < R))[:, None] & (mask_n & ok)[None, :], other=0.0)
+            db0 = _load_b(d_b_ptr, expert, offs_n, s_q0, q_r, _present(key0[:, None] == q_s[None, :], q_r, R),
+                          mask_n & ok, stride_bs, stride_be, stride_bn, stride_br)
     if WAIT_READY:
         # the block's act is complete once the gate_up kernel counted all its I tiles (this launch starts when
         # every down-shrink program, hence every gate_up program, has started: the counts will come)
@@ -181,10 +187,8 @@ def _down_kernel(
                     if PREFETCH:
                         db = here(db0, not CAST_FP32)  # (its copy to shared memory here, not at the load)
                     else:
-                        present = tl.max(sel.to(tl.int32), axis=0) > 0
-                        db = tl.load(_b_tile(d_b_ptr, expert, offs_n, s_q0, q_r, stride_bs, stride_be, stride_bn,
-                                             stride_br),
-                                     mask=(present & (q_r < R))[:, None] & mask_n[None, :], other=0.0)
+                        db = _load_b(d_b_ptr, expert, offs_n, s_q0, q_r, _present(sel, q_r, R), mask_n, stride_bs,
+                                     stride_be, stride_bn, stride_br)
                     acc = _down_expand_group(acc, zs, sel, db, CAST_FP32, DOT_PREC)
                 if not ONE_GROUP:
                     # the blocks whose slots do not fit one group (rare): one slot at a time, whose narrow tiles
@@ -193,9 +197,8 @@ def _down_kernel(
                     for s in range(0, tl.where(first, 0, S)):
                         own = slot == s
                         if tl.max(own.to(tl.int32), axis=0) > 0:
-                            db = tl.load(_b_tile(d_b_ptr, expert, offs_n, offs_rr * 0 + s, offs_rr, stride_bs, stride_be,
-                                                 stride_bn, stride_br),
-                                         mask=(offs_rr < R)[:, None] & mask_n[None, :], other=0.0)
+                            db = _load_b(d_b_ptr, expert, offs_n, offs_rr * 0 + s, offs_rr, offs_rr < R, mask_n,
+                                         stride_bs, stride_be, stride_bn, stride_br)
                             acc = _down_expand_group(acc, zd, own[:, None], db, CAST_FP32, DOT_PREC)
                 if HAS_SHARED:  # noqa: SIM102 - a constexpr test, then a runtime one
                     if pid_n == 0:  # w * z_d per pair for the shared-outer expand in the top-k sum

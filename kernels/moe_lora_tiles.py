@@ -4,7 +4,8 @@ kernels/moe_down_kernels.py) and the LoRA shrinks (kernels/moe_lora_kernels.py).
 A LoRA dot over a block of aligned rows stacks several adapter slots along one axis: column g*BLOCK_R + r
 belongs to the block's g-th key, a slot or (compacted) an index into the block's own distinct slots.
     _stack, _compact_slots, _column_slots    keys, compaction and the slot of each stacked column
-    _first_group, _b_tile, _da_tile          the epilogue path's first group and its tile pointers
+    _first_group, _present                   the epilogue path's first group, a group's columns in use
+    _b_ptrs, _load_b, _load_gate_up_b, _load_da   its stacked tile loads
     _gu_expand_group, _zd_group              one group's gate_up expand and down-shrink partial
     _stack_width, _k_step_columns, _stacked_b   the LoRA K step's stacked columns
 """
@@ -92,17 +93,40 @@ def _first_group(slot, S, BLOCK_M: tl.constexpr, SG: tl.constexpr, BLOCK_R: tl.c
 
 
 @triton.jit
-def _da_tile(d_a_ptr, expert, offs_n, s_q, q_r, stride_ds, stride_de, stride_dr, stride_di):
-    """Pointers of a stacked down_A tile [BLOCK_N, SG*BLOCK_R]: column q = down_A[s_q[q], expert, q_r[q], offs_n]."""
-    return (d_a_ptr + expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di
-            + s_q.to(tl.int64)[None, :] * stride_ds + q_r[None, :] * stride_dr)
+def _present(sel, q_r, R):
+    """The stacked columns ([SG*BLOCK_R]) some row of a group selects (sel: [BLOCK_M, SG*BLOCK_R]), within rank R."""
+    return (tl.max(sel.to(tl.int32), axis=0) > 0) & (q_r < R)
 
 
 @triton.jit
-def _b_tile(b_ptr, expert, offs_n, s_q, q_r, stride_bs, stride_be, stride_bn, stride_br):
-    """Pointers of a stacked LoRA B tile [SG*BLOCK_R, BLOCK_N]: row q = B[s_q[q], expert, offs_n, q_r[q]]."""
+def _b_ptrs(b_ptr, expert, offs_n, s_q, q_r, stride_bs, stride_be, stride_bn, stride_br):
+    """Pointers of a stacked LoRA B tile [len(s_q), BLOCK_N]: row q = B[s_q[q], expert, offs_n, q_r[q]]."""
     return (b_ptr + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn
             + s_q.to(tl.int64)[:, None] * stride_bs + q_r[:, None] * stride_br)
+
+
+@triton.jit
+def _load_b(b_ptr, expert, offs_n, s_q, q_r, m_q, mask_n, stride_bs, stride_be, stride_bn, stride_br):
+    """A stacked LoRA B tile (`_b_ptrs`), zero where not m_q[q] (or past mask_n)."""
+    return tl.load(_b_ptrs(b_ptr, expert, offs_n, s_q, q_r, stride_bs, stride_be, stride_bn, stride_br),
+                   mask=m_q[:, None] & mask_n[None, :], other=0.0)
+
+
+@triton.jit
+def _load_gate_up_b(gu_b_ptr, I, expert, offs_n, s_q, q_r, m_q, mask_n, stride_bs, stride_be, stride_bn, stride_br):
+    """`_load_b` of gate_up_B's gate rows and of its up rows (I rows further on)."""
+    ptrs = _b_ptrs(gu_b_ptr, expert, offs_n, s_q, q_r, stride_bs, stride_be, stride_bn, stride_br)
+    mask = m_q[:, None] & mask_n[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + I * stride_bn, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_da(d_a_ptr, expert, offs_n, s_q, q_r, m_q, mask_n, stride_ds, stride_de, stride_dr, stride_di):
+    """A stacked down_A tile [BLOCK_N, len(s_q)]: column q = down_A[s_q[q], expert, q_r[q], offs_n] where m_q[q]
+    (and mask_n), else 0."""
+    ptrs = (d_a_ptr + expert.to(tl.int64) * stride_de + offs_n[:, None] * stride_di
+            + s_q.to(tl.int64)[None, :] * stride_ds + q_r[None, :] * stride_dr)
+    return tl.load(ptrs, mask=mask_n[:, None] & m_q[None, :], other=0.0)
 
 
 @triton.jit
