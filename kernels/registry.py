@@ -21,14 +21,21 @@ class KernelOps:
     lora_linear: Callable[..., torch.Tensor]
     store_kv: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
+    rms_norm: Callable[..., torch.Tensor]
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rope_store: Callable[..., torch.Tensor]
+    router_topk: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def _torch_ops() -> KernelOps:
     from lorax.kernels.attention import paged_attention_ref, store_kv_ref
     from lorax.kernels.fused_moe import fused_moe_ref
     from lorax.kernels.lora_sgemm import lora_linear_ref
+    from lorax.kernels.moe_router import router_topk_ref
+    from lorax.kernels.norm_rope import add_rms_norm_ref, rms_norm_ref, rope_store_ref
 
-    return KernelOps("torch", fused_moe_ref, lora_linear_ref, store_kv_ref, paged_attention_ref)
+    return KernelOps("torch", fused_moe_ref, lora_linear_ref, store_kv_ref, paged_attention_ref, rms_norm_ref,
+                     add_rms_norm_ref, rope_store_ref, router_topk_ref)
 
 
 def _triton_ops() -> KernelOps:

@@ -1,4 +1,4 @@
-"""The Triton backend of `lorax.kernels.registry.get_ops`: the four ops layers call, as Triton kernels.
+"""The Triton backend of `lorax.kernels.registry.get_ops`: the ops layers call, as Triton kernels.
 
 Each op keeps its reference's positional signature (see the contract at the top of its kernel file)
 and takes keyword-only hints and preallocated buffers that a CUDA-graph runner passes:
@@ -9,6 +9,10 @@ and takes keyword-only hints and preallocated buffers that a CUDA-graph runner p
     store_kv(k, v, k_cache, v_cache, slot_mapping)                           kernels/attention.py
     paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, *,
                     max_query_len, max_context_len, num_splits, out, workspace)
+    rms_norm(x, weight, eps), add_rms_norm(x, residual, weight, eps),
+    rope_store(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_norm, k_norm, eps)
+                                                                              kernels/norm_rope.py
+    router_topk(logits, top_k, renormalize, round_weights)                    kernels/moe_router.py
 
 Per step the engine builds `build_lora_batch(token_slot, S)` once (device ops only, backend-neutral)
 and passes it to every `lora_linear` call as `batch=`; it passes `max_query_len=1` on decode steps so
@@ -23,6 +27,8 @@ import torch
 
 from lorax.kernels.attention import paged_attention, store_kv
 from lorax.kernels.lora_sgemm import lora_linear
+from lorax.kernels.moe_router import router_topk
+from lorax.kernels.norm_rope import add_rms_norm, rms_norm, rope_store
 from lorax.kernels.registry import KernelOps
 
 
@@ -51,4 +57,8 @@ def make_ops() -> KernelOps:
         lora_linear=lora_linear,
         store_kv=store_kv,
         paged_attention=paged_attention,
+        rms_norm=rms_norm,
+        add_rms_norm=add_rms_norm,
+        rope_store=rope_store,
+        router_topk=router_topk,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorax.kernels import attention, lora_sgemm, triton_ops
+from lorax.kernels import attention, lora_sgemm, moe_router, norm_rope, triton_ops
 from lorax.kernels.lora_sgemm import build_lora_batch
 from lorax.kernels.registry import get_ops
 
@@ -16,6 +16,9 @@ def test_triton_backend_is_the_triton_kernels():
     assert ops.lora_linear is lora_sgemm.lora_linear
     assert ops.store_kv is attention.store_kv
     assert ops.paged_attention is attention.paged_attention
+    assert (ops.rms_norm, ops.add_rms_norm, ops.rope_store) == (norm_rope.rms_norm, norm_rope.add_rms_norm,
+                                                                norm_rope.rope_store)
+    assert ops.router_topk is moe_router.router_topk
     from lorax.kernels import fused_moe as fm
 
     expected = fm.fused_moe if triton_ops.fused_moe_is_triton() else fm.fused_moe_ref
