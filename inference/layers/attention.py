@@ -1,4 +1,5 @@
-"""Self-attention over the paged KV cache: fused qkv (+LoRA), optional q/k norm, rope, GQA, o (+LoRA)."""
+"""Self-attention over the paged KV cache: fused qkv (+LoRA), optional q/k norm, rope and the KV store (one
+launch, `rope_store`), GQA, o (+LoRA)."""
 
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ class Attention(nn.Module):
         self.o = LoraLinear(cfg.q_size, (cfg.hidden_size,), ops, cfg.o_bias, dtype, device)
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
-        if cfg.qk_norm == "head":  # Qwen3: one norm over each head's D features
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device)
+        if cfg.qk_norm == "head":  # Qwen3: one norm over each head's D features (inside rope_store)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, ops)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, ops)
         elif cfg.qk_norm == "full":  # OLMoE: one norm over the whole q (k) projection
-            self.q_norm = RMSNorm(cfg.q_size, cfg.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(cfg.kv_size, cfg.rms_norm_eps, dtype, device)
+            self.q_norm = RMSNorm(cfg.q_size, cfg.rms_norm_eps, dtype, device, ops)
+            self.k_norm = RMSNorm(cfg.kv_size, cfg.rms_norm_eps, dtype, device, ops)
         # Attached by the KV cache after it is sized: [num_blocks, block_size, n_kv, D] each.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -45,18 +46,22 @@ class Attention(nn.Module):
         if self.cfg.qk_norm == "full":
             assert self.q_norm is not None and self.k_norm is not None
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.reshape(T, self.n_h, self.head_dim)
+        q = q.reshape(T, self.n_h, self.head_dim)  # (views of the qkv output where they can be)
         k = k.reshape(T, self.n_kv, self.head_dim)
         v = v.reshape(T, self.n_kv, self.head_dim)
-        if self.cfg.qk_norm == "head":
-            assert self.q_norm is not None and self.k_norm is not None
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.cfg.clip_qkv is not None:
+        head_norm = self.cfg.qk_norm == "head" and self.q_norm is not None and self.k_norm is not None
+        if self.cfg.clip_qkv is not None:  # (after the q/k norm, as transformers: then not inside rope_store)
+            if head_norm:
+                assert self.q_norm is not None and self.k_norm is not None
+                q, k, head_norm = self.q_norm(q), self.k_norm(k), False
             c = self.cfg.clip_qkv
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
-        q, k = self.rope(ctx.positions, q, k)
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not attached"
-        self.ops.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        # q/k per-head norm (Qwen3), rope, and k / v into the paged cache: one launch
+        qw = self.q_norm.weight if head_norm and self.q_norm is not None else None
+        kw = self.k_norm.weight if head_norm and self.k_norm is not None else None
+        q = self.ops.rope_store(q, k, v, ctx.positions, self.rope.cos, self.rope.sin, self.k_cache, self.v_cache,
+                                ctx.slot_mapping, qw, kw, self.cfg.rms_norm_eps)
         out = self.ops.paged_attention(
             q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc, self.scale,
             max_query_len=ctx.max_query_len,

@@ -69,14 +69,9 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> topk_weights [T, k] fp32, topk_ids [T, k] int32."""
-        logits = F.linear(x, self.router)
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, self.cfg.top_k, dim=-1)
-        if self.cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if not self.fp32_weights:
-            weights = weights.to(logits.dtype).float()
-        return weights, ids.to(torch.int32)
+        # softmax, top-k, renormalisation and the weights' round trip through the model dtype: one launch
+        return self.ops.router_topk(F.linear(x, self.router), self.cfg.top_k, self.cfg.norm_topk_prob,
+                                    not self.fp32_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()

@@ -1,4 +1,5 @@
-"""RMSNorm and rotary position embeddings, numerically as transformers computes them."""
+"""RMSNorm and the rotary embedding's cos / sin caches, numerically as transformers computes them (the math:
+kernels/norm_rope.py)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,31 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorax.kernels.norm_rope import add_rms_norm_ref, rms_norm_ref
+from lorax.kernels.registry import KernelOps
+
 
 class RMSNorm(nn.Module):
-    """y = w * (x / rms(x)) with the statistics in fp32 and the product in the input dtype."""
+    """y = w * (x / rms(x)) with the statistics in fp32 and the product in the input dtype (transformers'
+    RMSNorm), through the backend's `rms_norm` / `add_rms_norm` (kernels/norm_rope.py)."""
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device | str,
+                 ops: KernelOps | None = None) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
+        self._norm = ops.rms_norm if ops is not None else rms_norm_ref
+        self._add_norm = ops.add_rms_norm if ops is not None else add_rms_norm_ref
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """norm(x), or with residual norm(x + residual)."""
+        if residual is not None:
+            return self.add(x, residual)[0]
+        return self._norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(h), h) for h = x + residual in x's dtype: the decoder's residual stream, one launch."""
+        return self._add_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -44,7 +56,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rope (rotate_half) from a cos/sin cache [max_positions, head_dim] in the model dtype."""
+    """The cos / sin caches [max_positions, head_dim] in the model dtype of neox-style rope (rotate_half),
+    applied by the backend's `rope_store`."""
 
     def __init__(
         self,
@@ -64,14 +77,3 @@ class RotaryEmbedding(nn.Module):
         self.sin: torch.Tensor
         self.register_buffer("cos", emb.cos().to(dtype=dtype, device=device), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype=dtype, device=device), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, n_h, D], k [T, n_kv, D] -> rotated copies."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)

@@ -38,18 +38,25 @@ class DecoderLayer(nn.Module):
         device: torch.device,
     ) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops)
         self.attn = Attention(cfg, rope, ops, dtype, device)
-        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops)
         self.mlp: SparseMoE | GatedMLP
         if cfg.layer_is_moe[index]:
             self.mlp = SparseMoE(cfg, ops, dtype, device)
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, ops, cfg.mlp_bias, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attn(self.input_norm(x))
-        return h + self.mlp(self.post_norm(h))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (this layer's MLP output, the residual stream before it). The stream is
+        h = residual + x, summed by the next norm in the same launch (`RMSNorm.add`); the first layer gets
+        the embeddings as x and no residual."""
+        if residual is None:
+            residual, h = x, self.input_norm(x)
+        else:
+            h, residual = self.input_norm.add(x, residual)
+        h, residual = self.post_norm.add(self.attn(h), residual)
+        return self.mlp(h), residual
 
 
 class DecoderLM(nn.Module):
@@ -64,7 +71,7 @@ class DecoderLM(nn.Module):
         self.layers = nn.ModuleList(
             [DecoderLayer(cfg, i, self.rope, ops, dtype, device) for i in range(cfg.num_layers)]
         )
-        self.norm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(H, cfg.rms_norm_eps, dtype, device, ops)
         self.lm_head: nn.Parameter | None = None  # None when tied to the embedding
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Parameter(torch.empty(V, H, dtype=dtype, device=device), requires_grad=False)
@@ -75,10 +82,10 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, H]."""
-        x = self.embed(input_ids)
+        x, residual = self.embed(input_ids), None
         for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
+            x, residual = layer(x, residual)
+        return self.norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> fp32 logits [N, V]."""
