@@ -16,7 +16,7 @@ bench_app = typer.Typer(help="Measure speed: kernels against the roofline, end-t
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-_GROUPS = ("moe", "qkv", "attention")  # == lorax.kernels.bench.KERNEL_GROUPS (not imported: it loads triton)
+_GROUPS = ("moe", "qkv", "attention", "layer")  # == lorax.kernels.bench.KERNEL_GROUPS (not imported: it loads triton)
 
 
 def _int_list(text: str, what: str) -> tuple[int, ...]:
@@ -34,7 +34,7 @@ def kernels_command(
     tokens: str = typer.Option("1,8,32,128,512,2048", "--tokens", help="Token counts, comma-separated."),
     adapters: int = typer.Option(4, "--adapters", help="Adapter slots; tokens are spread evenly over them."),
     rank: int = typer.Option(16, "--rank", help="LoRA rank of every adapter."),
-    kernels: str = typer.Option("moe,qkv,attention", "--kernels", help="Kernel groups: moe, qkv, attention."),
+    kernels: str = typer.Option(",".join(_GROUPS), "--kernels", help="Kernel groups: moe, qkv, attention, layer (norms, rope + KV store, router top-k)."),
     json_path: str | None = typer.Option(None, "--json", help="Also write the full report as JSON here."),
     device: str = typer.Option("cuda", "--device", help="cuda, or cpu for an interpreter smoke run."),
     workload: str = typer.Option("standard", "--workload",

@@ -92,8 +92,12 @@ def main() -> None:
             for _ in range(3):
                 llm.step()
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        averages = prof.key_averages()
+        table = averages.table(sort_by="cuda_time_total", row_limit=25)
         print(table)
+        launches = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"GPU launches (kernels, copies, fills) per decode step: {launches / 3:.0f}, "
+              f"{launches / 3 / args.layers:.1f} per layer (lm_head and sampling counted in)")
         if args.out:
             Path(args.out, "profile.txt").write_text(table)
 
