@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=8)
     ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--max-model-len", type=int, default=None, help="engine max_model_len (default: the model's)")
     ap.add_argument("--out", type=str, default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -45,7 +46,8 @@ def main() -> None:
         adapters = {adapter_name(j): random_adapter(mcfg, adapter_name(j), 16, j, torch.bfloat16, dev)
                     for j in range(args.adapters)}
         llm = LLM(str(model_dir), adapters=adapters, load_format="dummy", dtype="bfloat16",
-                  max_num_seqs=args.batch, max_loras=max(1, args.adapters), max_num_batched_tokens=8192)
+                  max_num_seqs=args.batch, max_loras=max(1, args.adapters), max_num_batched_tokens=8192,
+                  max_model_len=args.max_model_len)
         names = list(adapters) or [None]
         prompts = make_prompts(args.batch, args.input_len, mcfg.vocab_size, 0)
         for i, p in enumerate(prompts):
