@@ -7,6 +7,12 @@ import triton.language as tl
 
 
 @triton.jit
+def _cache_row(slot, block_size, stride_cb, stride_co):
+    """Offset of a paged cache's row for token slot `slot` (int64): block slot // block_size, row slot % block_size."""
+    return (slot // block_size) * stride_cb + (slot % block_size) * stride_co
+
+
+@triton.jit
 def _store_kv_kernel(
     # pointers
     k_ptr, v_ptr,  # [T, n_kv, D]
@@ -26,12 +32,11 @@ def _store_kv_kernel(
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
         return
-    blk = slot // block_size
-    off = slot % block_size
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_h < n_kv)[:, None] & (offs_d < D)[None, :]
-    cache_offs = blk * stride_cb + off * stride_co + offs_h[:, None] * stride_ch + offs_d[None, :] * stride_cd
+    cache_offs = (_cache_row(slot, block_size, stride_cb, stride_co) + offs_h[:, None] * stride_ch
+                  + offs_d[None, :] * stride_cd)
     k = tl.load(k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd, mask=mask)
     tl.store(k_cache_ptr + cache_offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd, mask=mask)

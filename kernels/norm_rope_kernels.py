@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lorax.kernels.attention_kernels import _cache_row
+
 
 @triton.jit
 def _rnd(x, DT: tl.constexpr):
@@ -96,7 +98,7 @@ def _rope_store_kernel(
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         offs_h = tl.arange(0, BLOCK_KH)
-        dst = (slot // block_size) * stride_cb + (slot % block_size) * stride_co + offs_h[:, None] * stride_ch
+        dst = _cache_row(slot, block_size, stride_cb, stride_co) + offs_h[:, None] * stride_ch
         k1, k2, mk = _rope_heads(k_ptr + t * stride_kt, stride_kh, n_kv, c1, c2, s1, s2, kw_ptr, eps, offs_d,
                                  mask_d, BLOCK_KH, HALF, HAS_NORM, DT)
         CT: tl.constexpr = k_cache_ptr.dtype.element_ty

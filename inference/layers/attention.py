@@ -30,11 +30,11 @@ class Attention(nn.Module):
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if cfg.qk_norm == "head":  # Qwen3: one norm over each head's D features (inside rope_store)
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, ops)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype, device, ops)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops, dtype, device)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops, dtype, device)
         elif cfg.qk_norm == "full":  # OLMoE: one norm over the whole q (k) projection
-            self.q_norm = RMSNorm(cfg.q_size, cfg.rms_norm_eps, dtype, device, ops)
-            self.k_norm = RMSNorm(cfg.kv_size, cfg.rms_norm_eps, dtype, device, ops)
+            self.q_norm = RMSNorm(cfg.q_size, cfg.rms_norm_eps, ops, dtype, device)
+            self.k_norm = RMSNorm(cfg.kv_size, cfg.rms_norm_eps, ops, dtype, device)
         # Attached by the KV cache after it is sized: [num_blocks, block_size, n_kv, D] each.
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -49,17 +49,18 @@ class Attention(nn.Module):
         q = q.reshape(T, self.n_h, self.head_dim)  # (views of the qkv output where they can be)
         k = k.reshape(T, self.n_kv, self.head_dim)
         v = v.reshape(T, self.n_kv, self.head_dim)
-        head_norm = self.cfg.qk_norm == "head" and self.q_norm is not None and self.k_norm is not None
-        if self.cfg.clip_qkv is not None:  # (after the q/k norm, as transformers: then not inside rope_store)
-            if head_norm:
-                assert self.q_norm is not None and self.k_norm is not None
-                q, k, head_norm = self.q_norm(q), self.k_norm(k), False
+        qw = kw = None  # per-head q/k norm weights for rope_store
+        if self.cfg.qk_norm == "head":
+            assert self.q_norm is not None and self.k_norm is not None
+            if self.cfg.clip_qkv is None:
+                qw, kw = self.q_norm.weight, self.k_norm.weight
+            else:  # the norm comes before the clamp (transformers' order): not inside rope_store then
+                q, k = self.q_norm(q), self.k_norm(k)
+        if self.cfg.clip_qkv is not None:
             c = self.cfg.clip_qkv
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not attached"
         # q/k per-head norm (Qwen3), rope, and k / v into the paged cache: one launch
-        qw = self.q_norm.weight if head_norm and self.q_norm is not None else None
-        kw = self.k_norm.weight if head_norm and self.k_norm is not None else None
         q = self.ops.rope_store(q, k, v, ctx.positions, self.rope.cos, self.rope.sin, self.k_cache, self.v_cache,
                                 ctx.slot_mapping, qw, kw, self.cfg.rms_norm_eps)
         out = self.ops.paged_attention(

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorax.kernels.norm_rope import add_rms_norm_ref, rms_norm_ref
 from lorax.kernels.registry import KernelOps
 
 
@@ -17,23 +16,21 @@ class RMSNorm(nn.Module):
     """y = w * (x / rms(x)) with the statistics in fp32 and the product in the input dtype (transformers'
     RMSNorm), through the backend's `rms_norm` / `add_rms_norm` (kernels/norm_rope.py)."""
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device | str,
-                 ops: KernelOps | None = None) -> None:
+    def __init__(self, size: int, eps: float, ops: KernelOps, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__()
         self.eps = eps
+        self.ops = ops
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device), requires_grad=False)
-        self._norm = ops.rms_norm if ops is not None else rms_norm_ref
-        self._add_norm = ops.add_rms_norm if ops is not None else add_rms_norm_ref
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """norm(x), or with residual norm(x + residual)."""
         if residual is not None:
             return self.add(x, residual)[0]
-        return self._norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+        return self.ops.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(h), h) for h = x + residual in x's dtype: the decoder's residual stream, one launch."""
-        return self._add_norm(x, residual, self.weight, self.eps)
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

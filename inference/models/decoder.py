@@ -38,9 +38,9 @@ class DecoderLayer(nn.Module):
         device: torch.device,
     ) -> None:
         super().__init__()
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype, device)
         self.attn = Attention(cfg, rope, ops, dtype, device)
-        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, ops)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, dtype, device)
         self.mlp: SparseMoE | GatedMLP
         if cfg.layer_is_moe[index]:
             self.mlp = SparseMoE(cfg, ops, dtype, device)
@@ -71,7 +71,7 @@ class DecoderLM(nn.Module):
         self.layers = nn.ModuleList(
             [DecoderLayer(cfg, i, self.rope, ops, dtype, device) for i in range(cfg.num_layers)]
         )
-        self.norm = RMSNorm(H, cfg.rms_norm_eps, dtype, device, ops)
+        self.norm = RMSNorm(H, cfg.rms_norm_eps, ops, dtype, device)
         self.lm_head: nn.Parameter | None = None  # None when tied to the embedding
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Parameter(torch.empty(V, H, dtype=dtype, device=device), requires_grad=False)
