@@ -234,7 +234,7 @@ def paged_attention(
             q.stride(0), q.stride(1), q.stride(2),
             *common_strides,
             CAST_FP32=cast, DOT_PREC=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            EVEN_D=block_d == D, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out
 

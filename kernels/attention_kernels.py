@@ -45,6 +45,46 @@ def _store_kv_kernel(
 
 
 @triton.jit
+def _prefill_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, table_row, kv_head_off, offs_d, mask_d,
+                  qk_scale, block_size, stride_cb, stride_co, stride_cd,
+                  CAUSAL_MASK: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                  EVEN_D: tl.constexpr):
+    """One BLOCK_N step of keys n0.. of the online softmax. Without CAUSAL_MASK every key of the step is below
+    the tile's first query and inside the context (no masks on the scores)."""
+    k_pos = n0 + tl.arange(0, BLOCK_N)
+    mask_n = k_pos < ctx
+    k_ptrs = k_cache_ptr + offs_d[:, None] * stride_cd  # [BLOCK_D, BLOCK_N] after the row offsets below
+    v_ptrs = v_cache_ptr + offs_d[None, :] * stride_cd  # [BLOCK_N, BLOCK_D]
+    if CAUSAL_MASK:
+        blk = tl.load(table_row + k_pos // block_size, mask=mask_n, other=0).to(tl.int64)
+        cache_off = blk * stride_cb + (k_pos % block_size) * stride_co + kv_head_off  # [BLOCK_N]
+        kt = tl.load(k_ptrs + cache_off[None, :], mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        vb = tl.load(v_ptrs + cache_off[:, None], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    else:  # every key of the step is in the context: masks only past D
+        blk = tl.load(table_row + k_pos // block_size).to(tl.int64)
+        cache_off = blk * stride_cb + (k_pos % block_size) * stride_co + kv_head_off
+        if EVEN_D:
+            kt = tl.load(k_ptrs + cache_off[None, :])
+            vb = tl.load(v_ptrs + cache_off[:, None])
+        else:
+            kt = tl.load(k_ptrs + cache_off[None, :], mask=mask_d[:, None], other=0.0)
+            vb = tl.load(v_ptrs + cache_off[:, None], mask=mask_d[None, :], other=0.0)
+    if CAST_FP32:
+        kt = kt.to(tl.float32)
+        vb = vb.to(tl.float32)
+    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    if CAUSAL_MASK:
+        keep = (k_pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _prefill_kernel(
     # pointers
     q_ptr,  # [T, n_h, D]
@@ -69,10 +109,12 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr = False,  # BLOCK_D == D: no masks on the head dim
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    pid_m = tl.program_id(2)
+    # the last query tiles see the most keys: they are dispatched first, so the short ones fill the tail
+    pid_m = tl.num_programs(2) - 1 - tl.program_id(2)
     q0 = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q0
     if pid_m * BLOCK_M >= q_len:
@@ -82,7 +124,8 @@ def _prefill_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < q_len
-    q_pos = ctx - q_len + offs_m  # causal position of each query row
+    q_first = ctx - q_len + pid_m * BLOCK_M  # causal position of the tile's first query row
+    q_pos = q_first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     rows = (q0 + offs_m).to(tl.int64)
@@ -97,35 +140,23 @@ def _prefill_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     kv_head_off = kvh.to(tl.int64) * stride_ch
     table_row = tables_ptr + b.to(tl.int64) * stride_tb
-    # Keys past the last query row of this tile are masked anyway: stop the loop there.
-    hi = tl.minimum(ctx, ctx - q_len + (pid_m + 1) * BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
-        k_pos = n0 + tl.arange(0, BLOCK_N)
-        mask_n = k_pos < ctx
-        blk = tl.load(table_row + k_pos // block_size, mask=mask_n, other=0).to(tl.int64)
-        cache_off = blk * stride_cb + (k_pos % block_size) * stride_co + kv_head_off  # [BLOCK_N]
-        kt = tl.load(k_cache_ptr + cache_off[None, :] + offs_d[:, None] * stride_cd,
-                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        vb = tl.load(v_cache_ptr + cache_off[:, None] + offs_d[None, :] * stride_cd,
-                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if CAST_FP32:
-            kt = kt.to(tl.float32)
-            vb = vb.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-        keep = (k_pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
-        m_i = m_new
+    # keys [0, lo) precede every query row of the tile (no masks); [lo, hi) cross the diagonal, and keys past
+    # the tile's last query row are masked anyway, so the loop stops there
+    lo = (q_first + 1) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(ctx, q_first + BLOCK_M)
+    for n0 in range(0, lo, BLOCK_N):
+        acc, m_i, l_i = _prefill_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, table_row,
+                                      kv_head_off, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
+                                      stride_cd, False, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
+    for n0 in range(lo, hi, BLOCK_N):
+        acc, m_i, l_i = _prefill_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, table_row,
+                                      kv_head_off, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
+                                      stride_cd, True, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # ctx 0: no keys, output 0 like the reference
     o = acc / l_safe[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
              o.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-
 
 
 @triton.jit

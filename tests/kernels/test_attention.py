@@ -42,6 +42,7 @@ PREFILL_CASES = [
     ([19], [19], 8, 1, 16, 16, False),  # MQA, bound from T
     ([33, 3], [17, 1], 4, 1, 16, 4, False),  # mixed: a chunk and a decode row in one launch
     ([12], [7], 4, 2, 8, 4, True),  # head dim 8 (the demo model): lanes padded to tl.dot's 16
+    ([70, 41], [45, 41], 4, 2, 16, 8, True),  # several key steps below each tile's diagonal (unmasked), 3 tiles
 ]
 
 
