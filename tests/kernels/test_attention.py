@@ -176,7 +176,7 @@ def test_decode_cuda_graph_replay():
     # Static buffers sized from host bounds; contexts grow between replays as in a decode loop.
     from lorax.kernels.attention import decode_splits, decode_workspace_size
 
-    B, n_h, n_kv, D, bs, width = 5, 8, 2, 64, 16, 64  # 1024-token bound: split-K with 4 splits on an H100
+    B, n_h, n_kv, D, bs, width = 5, 8, 2, 64, 16, 64  # 1024-token bound: split-K, 27 splits on an H100
     q, kc, vc, tables, ctx, qsl = _setup([bs * width] * B, [1] * B, n_h, n_kv, D, bs, torch.bfloat16, "cuda")
     splits = decode_splits(B, n_kv, width * bs, "cuda")
     ws = torch.empty(decode_workspace_size(B, n_h, D, splits), dtype=torch.float32, device="cuda")
