@@ -45,17 +45,19 @@ def _store_kv_kernel(
 
 
 @triton.jit
-def _prefill_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, table_row, kv_head_off, offs_d, mask_d,
-                  qk_scale, block_size, stride_cb, stride_co, stride_cd,
-                  CAUSAL_MASK: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                  EVEN_D: tl.constexpr):
-    """One BLOCK_N step of keys n0.. of the online softmax. Without CAUSAL_MASK every key of the step is below
-    the tile's first query and inside the context (no masks on the scores)."""
+def _attend_step(q, acc, m_i, l_i, n0, q_pos, kv_end, k_cache_ptr, v_cache_ptr, table_row, kv_head_off, offs_d,
+                 mask_d, qk_scale, block_size, stride_cb, stride_co, stride_cd,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr):
+    """One BLOCK_N step of keys n0.. of the online softmax over the paged cache, for the query rows q (prefill:
+    positions of one head; decode: the heads of one KV head). MASKED: keys from kv_end on are masked, and with
+    CAUSAL those past each row's position q_pos too; without MASKED every key of the step is visible to every
+    row (no masks on the scores or the loads but past D)."""
     k_pos = n0 + tl.arange(0, BLOCK_N)
-    mask_n = k_pos < ctx
+    mask_n = k_pos < kv_end
     k_ptrs = k_cache_ptr + offs_d[:, None] * stride_cd  # [BLOCK_D, BLOCK_N] after the row offsets below
     v_ptrs = v_cache_ptr + offs_d[None, :] * stride_cd  # [BLOCK_N, BLOCK_D]
-    if CAUSAL_MASK:
+    if MASKED:
         blk = tl.load(table_row + k_pos // block_size, mask=mask_n, other=0).to(tl.int64)
         cache_off = blk * stride_cb + (k_pos % block_size) * stride_co + kv_head_off  # [BLOCK_N]
         kt = tl.load(k_ptrs + cache_off[None, :], mask=mask_n[None, :] & mask_d[:, None], other=0.0)
@@ -73,8 +75,10 @@ def _prefill_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, ta
         kt = kt.to(tl.float32)
         vb = vb.to(tl.float32)
     s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
-    if CAUSAL_MASK:
-        keep = (k_pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
+    if MASKED:
+        keep = mask_n[None, :]
+        if CAUSAL:
+            keep = keep & (k_pos[None, :] <= q_pos[:, None])
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -145,13 +149,13 @@ def _prefill_kernel(
     lo = (q_first + 1) // BLOCK_N * BLOCK_N
     hi = tl.minimum(ctx, q_first + BLOCK_M)
     for n0 in range(0, lo, BLOCK_N):
-        acc, m_i, l_i = _prefill_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, table_row,
-                                      kv_head_off, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
-                                      stride_cd, False, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
+        acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, table_row,
+                                     kv_head_off, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
+                                     stride_cd, False, False, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
     for n0 in range(lo, hi, BLOCK_N):
-        acc, m_i, l_i = _prefill_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, table_row,
-                                      kv_head_off, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
-                                      stride_cd, True, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
+        acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, table_row,
+                                     kv_head_off, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
+                                     stride_cd, True, True, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # ctx 0: no keys, output 0 like the reference
     o = acc / l_safe[:, None]
@@ -219,26 +223,11 @@ def _decode_kernel(
     kv_head_off = kvh.to(tl.int64) * stride_ch
     table_row = tables_ptr + b.to(tl.int64) * stride_tb
     end = tl.minimum(ctx, start + partition)
+    # the decode query is the last position: every key of this split below ctx is visible (no causal mask)
     for n0 in range(start, end, BLOCK_N):
-        k_pos = n0 + tl.arange(0, BLOCK_N)
-        mask_n = k_pos < end
-        blk = tl.load(table_row + k_pos // block_size, mask=mask_n, other=0).to(tl.int64)
-        cache_off = blk * stride_cb + (k_pos % block_size) * stride_co + kv_head_off
-        kt = tl.load(k_cache_ptr + cache_off[None, :] + offs_d[:, None] * stride_cd,
-                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-        vb = tl.load(v_cache_ptr + cache_off[:, None] + offs_d[None, :] * stride_cd,
-                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if CAST_FP32:
-            kt = kt.to(tl.float32)
-            vb = vb.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # the decode query is the last position: every key < ctx is visible
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, None, end, k_cache_ptr, v_cache_ptr, table_row,
+                                     kv_head_off, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
+                                     stride_cd, True, False, CAST_FP32, DOT_PREC, BLOCK_N, False)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if SPLIT:
