@@ -196,8 +196,31 @@ def tune_shape(name: str, tokens: list[int], log: Callable[[str], None]) -> tupl
     return table, rows
 
 
+def _drive_attention() -> None:
+    """paged_attention's launches (store_kv aside): prefill at head dims 128 (no masks past D) and 24, with the
+    launcher's default and every tuned config of kernels/configs/attention.json, and decode with and without the
+    split reduce."""
+    from lorax.kernels._common import _config_file
+    from lorax.kernels.attention import paged_attention
+
+    tuned = [cfg for by_shape in _config_file("attention.json").values() if isinstance(by_shape, dict)
+             for key, by_bucket in by_shape.items() for cfg in by_bucket.values() if key.startswith("prefill")]
+    dec = [cfg for by_shape in _config_file("attention.json").values() if isinstance(by_shape, dict)
+           for key, by_bucket in by_shape.items() for cfg in by_bucket.values() if key.startswith("decode")]
+    for D in (128, 24):
+        q, kc = torch.empty(40, 32, D, dtype=torch.bfloat16), torch.empty(8, 16, 4, D, dtype=torch.bfloat16)
+        tables, ctx = torch.zeros(2, 4, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+        qsl, qsl1 = torch.tensor([0, 20, 40], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)
+        for cfg in [None] + (tuned if D == 128 else []):
+            paged_attention(q, kc, kc, tables, ctx, qsl, 0.1, max_query_len=20, config=cfg)
+        for cfg in [None] + (dec if D == 128 else []):
+            for splits in (1, 4):
+                paged_attention(q[:2], kc, kc, tables, ctx, qsl1, 0.1, max_query_len=1, num_splits=splits, config=cfg)
+
+
 def compile_check() -> int:
-    """Compile fused_moe's launches for sm_90 without a GPU; returns the number of failures."""
+    """Compile fused_moe's and paged attention's launches for sm_90 without a GPU; returns the number of
+    failures."""
     import subprocess
     import tempfile
 
@@ -290,6 +313,7 @@ def compile_check() -> int:
         drive(5, 96, 40, 6, 2, torch.float16, "shared", None)  # odd sizes, default config
         drive(200, 96, 40, 1024, 8, torch.bfloat16, "", None)  # 1024 experts: the prefix sum's own launch
         drive(5, 96, 40, 6, 2, torch.float32, "shared", None)  # fp32 on a GPU (exact dots)
+        _drive_attention()
     finally:
         jit.JITFunction.run = original  # type: ignore[method-assign]
         for m in pdl_modules:

@@ -128,7 +128,7 @@ def test_kernels_compile_for_sm90_without_a_gpu() -> None:
     compiled = {ln.split()[1] for ln in lines if ln.startswith("ok")}
     assert {"_gate_up_kernel", "_down_kernel", "_topk_sum_kernel", "_moe_lora_shrink_kernel", "_moe_count_kernel",
             "_moe_scatter_kernel", "_moe_prefix_kernel", "_moe_align_small_kernel",
-            "_moe_lora_down_shrink_kernel"} <= compiled
+            "_moe_lora_down_shrink_kernel", "_prefill_kernel", "_decode_kernel", "_decode_reduce_kernel"} <= compiled
 
 
 def test_moe_config_takes_the_lora_entry_for_lora_calls(monkeypatch):
