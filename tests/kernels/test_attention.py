@@ -210,3 +210,17 @@ def test_decode_under_a_graph_sized_bound_splits_each_context_by_its_own_length(
         got = paged_attention(q, kc, vc, wide, ctx, qsl, scale, max_query_len=1, num_splits=splits,
                               max_context_len=4096)
         torch.testing.assert_close(got, expect, atol=2e-4, rtol=2e-4)
+
+
+def test_decode_splits_fill_the_gpu_once_or_twice(monkeypatch):
+    """Host-only rule: >= DECODE_MIN_KEYS keys a split, <= 128 splits; two programs per SM when the (sequence,
+    KV head) pairs fill under half the SMs, else one (numbers for a 132-SM H100, 4 KV heads)."""
+    import lorax.kernels.attention as attn
+
+    monkeypatch.setattr(attn, "_num_sms", lambda device: 132)
+    got = {(B, ctx): attn.decode_splits(B, 4, ctx, "cuda") for B in (1, 8, 16, 32, 64, 512) for ctx in (100, 1024, 40960)}
+    assert got[1, 1024] == 32 and got[1, 100] == 4  # capped by the keys: 32 a split
+    assert got[1, 40960] == 66 and got[8, 40960] == 9 and got[16, 40960] == 5  # 4 / 32 / 64 pairs: two per SM
+    assert got[32, 40960] == 2 and got[64, 40960] == 1  # 128 / 256 pairs (>= half the SMs): one per SM
+    assert got[512, 40960] == 1 and all(1 <= s <= 128 for s in got.values())
+    assert attn.decode_splits(1, 1, 10**6, "cuda") == 128  # the cap
