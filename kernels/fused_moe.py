@@ -111,9 +111,12 @@ def fused_moe_ref(
 # the smallest token-count bucket >= T. Missing entries fall back to `_default_config`.
 # ----------------------------------------------------------------------------------------------------
 
+_PREFILL_PAIRS = 48  # pairs per expert past which `_default_config` takes its prefill tile
+
+
 def _prefill_sized(T: int, topk: int, E: int) -> bool:
-    """More than 48 pairs per expert: the heuristic's prefill regime (`_default_config`)."""
-    return T * topk / max(E, 1) > 48
+    """More than _PREFILL_PAIRS pairs per expert: the heuristic's prefill regime (`_default_config`)."""
+    return T * topk / max(E, 1) > _PREFILL_PAIRS
 
 
 def _default_config(T: int, topk: int, E: int) -> dict[str, int]:
@@ -125,7 +128,7 @@ def _default_config(T: int, topk: int, E: int) -> dict[str, int]:
     if pairs_per_expert <= 4:
         return dict(BLOCK_M=16, BLOCK_N_GU=32, BLOCK_K_GU=256, BLOCK_N_D=64, BLOCK_K_D=256, GROUP_M=1, SPLIT=8,
                     num_warps=4, num_stages=3)
-    if pairs_per_expert <= 48:
+    if not _prefill_sized(T, topk, E):
         return dict(BLOCK_M=32, BLOCK_N_GU=64, BLOCK_K_GU=128, BLOCK_N_D=64, BLOCK_K_D=128, GROUP_M=1, SPLIT=2,
                     num_warps=4, num_stages=4)
     return dict(BLOCK_M=64, BLOCK_N_GU=64, BLOCK_K_GU=64, BLOCK_N_D=128, BLOCK_K_D=64, GROUP_M=8, SPLIT=1,
