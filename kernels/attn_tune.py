@@ -115,7 +115,8 @@ def tune(shape: tuple[int, int, int, int], device: torch.device, log: Any = prin
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description="Block-config sweep of paged attention on this GPU: writes "
+                                 "OUT_DIR/attention.json (kernels/configs/attention.json's layout) and a report.")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=4)
