@@ -203,10 +203,10 @@ def _drive_attention() -> None:
     from lorax.kernels._common import _config_file
     from lorax.kernels.attention import paged_attention
 
-    tuned = [cfg for by_shape in _config_file("attention.json").values() if isinstance(by_shape, dict)
-             for key, by_bucket in by_shape.items() for cfg in by_bucket.values() if key.startswith("prefill")]
-    dec = [cfg for by_shape in _config_file("attention.json").values() if isinstance(by_shape, dict)
-           for key, by_bucket in by_shape.items() for cfg in by_bucket.values() if key.startswith("decode")]
+    table = [(key, cfg) for by_shape in _config_file("attention.json").values() if isinstance(by_shape, dict)
+             for key, by_bucket in by_shape.items() for cfg in by_bucket.values()]
+    tuned = [cfg for key, cfg in table if key.startswith("prefill")]
+    dec = [cfg for key, cfg in table if key.startswith("decode")]
     for D in (128, 24):
         q, kc = torch.empty(40, 32, D, dtype=torch.bfloat16), torch.empty(8, 16, 4, D, dtype=torch.bfloat16)
         tables, ctx = torch.zeros(2, 4, dtype=torch.int32), torch.ones(2, dtype=torch.int32)

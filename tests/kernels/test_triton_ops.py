@@ -111,11 +111,19 @@ def test_no_host_sync_in_the_step_ops():
     ctx = torch.full((T,), 100, dtype=torch.int32, device="cuda")
     qsl = torch.arange(T + 1, dtype=torch.int32, device="cuda")
 
-    def step() -> None:
+    w, logits = torch.ones(K, dtype=torch.bfloat16, device="cuda"), torch.randn(T, 16, device="cuda")
+    cos = sin = torch.randn(128, D, dtype=torch.bfloat16, device="cuda")
+    hw = torch.ones(D, dtype=torch.bfloat16, device="cuda")
+
+    def step() -> None:  # every op a decoder layer calls, as it calls them
+        ops.rms_norm(x, w, 1e-6)
+        ops.add_rms_norm(x, x, w, 1e-6)
         ops.lora_linear(x, y, A, B, offs, slot, batch=build_lora_batch(slot, S))
         ops.store_kv(kv, kv, kc, vc, slots)
+        ops.rope_store(q, kv, kv, slots, cos, sin, kc, vc, slots, hw, hw, 1e-6)
         ops.paged_attention(q, kc, vc, tables, ctx, qsl, 0.125, max_query_len=1)
         ops.paged_attention(q, kc, vc, tables, ctx, qsl, 0.125)
+        ops.router_topk(logits, 4, True, True)
 
     step()
     torch.cuda.synchronize()
