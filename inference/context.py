@@ -40,6 +40,9 @@ class ForwardContext:
     # pool's shared-outer slabs out of the call (their rows are zero for every other slot), which lets the
     # fused MoE take its LoRA K step path at prefill sizes. Captured graphs keep them (any mix replays).
     moe_shared: bool = True
+    # host: distinct adapter slots the step's tokens use (None in captured graphs: any mix replays). The fused
+    # MoE takes its segment schedule at prefill sizes only when many adapters are in use.
+    active_slots: int | None = None
 
 
 _CURRENT: ForwardContext | None = None

@@ -99,6 +99,7 @@ class ModelRunner:
         if has_lora and self.pool is not None:
             ctx.slot_rank = self.pool.slot_rank
             ctx.moe_shared = any(self.pool.slot_shared[s] for s in seq_slots if s >= 0)
+            ctx.active_slots = sum(1 for s in seq_slots if s >= 0)
             if self.ops.name == "triton":  # the reference ignores it; the Triton kernels share it per step
                 from lorax.kernels.lora_sgemm import build_lora_batch
 

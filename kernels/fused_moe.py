@@ -51,6 +51,15 @@ from lorax.kernels.moe_lora import (
     slot_group,
     use_compact,
 )
+from lorax.kernels.moe_lora_seg import (
+    EXPAND_LAUNCH,
+    SEG_I_SPLIT,
+    SEG_M,
+    moe_lora_seg_down_expand,
+    moe_lora_seg_expand,
+    moe_lora_seg_shrink,
+    seg_align,
+)
 from lorax.kernels.moe_topk_sum_kernels import _topk_sum_kernel
 
 
@@ -170,8 +179,9 @@ class _Buffers(NamedTuple):
     ypair: torch.Tensor  # [N, H] x.dtype
     zgu: torch.Tensor  # [N, SPLIT, 2, BLOCK_R] fp32 (LoRA; K step mode [N, 2, S, BLOCK_R] x.dtype) else [0]
     zsh: torch.Tensor  # [T, SPLIT, 2, BLOCK_R] fp32 (shared-outer) else [0]
-    zdp: torch.Tensor  # [N, NT_GU, BLOCK_R] fp32 (LoRA) else [0]
+    zdp: torch.Tensor  # [N, NT_GU, BLOCK_R] fp32 (LoRA; segment mode [N, BLOCK_R]) else [0]
     zdw: torch.Tensor  # [N, BLOCK_R] fp32 (shared-outer) else [0]
+    h: torch.Tensor  # [N, 2I] x.dtype (segment mode: the pre-activation of adapter rows) else [0]
 
 
 def _buffer_specs(T: int, topk: int, H: int, I: int, dtype: torch.dtype, lora: MoELoraArgs | None,
@@ -179,12 +189,15 @@ def _buffer_specs(T: int, topk: int, H: int, I: int, dtype: torch.dtype, lora: M
     N = T * topk
     f32 = torch.float32
     if lora is None:
-        return [((N, I), dtype), ((N, H), dtype)] + [((0,), f32)] * 4
+        return [((N, I), dtype), ((N, H), dtype)] + [((0,), f32)] * 5
     S = lora.gate_up_A.shape[0]
     br = lora_block_r(lora.gate_up_A.shape[2] // 2)
+    if _lora_seg(lora, cfg):
+        return [((N, I), dtype), ((N, H), dtype), ((N, 2 * br), f32), ((0,), f32), ((N, _seg_i_split(I, cfg), br), f32),
+                ((0,), f32), ((N, 2 * I), dtype)]
     if _lora_k_step(lora, cfg):
         cw = compact_width(S, cfg["BLOCK_M"], _lora_compact(lora, cfg, N))
-        return [((N, I + cw * br), dtype), ((N, H), dtype), ((N, 2, cw, br), dtype)] + [((0,), f32)] * 3
+        return [((N, I + cw * br), dtype), ((N, H), dtype), ((N, 2, cw, br), dtype)] + [((0,), f32)] * 4
     specs: list[tuple[tuple[int, ...], torch.dtype]] = [((N, I), dtype), ((N, H), dtype)]
     shared = lora.shared_gate_up_A is not None or lora.shared_down_B is not None
     nt = triton.cdiv(I, cfg["BLOCK_N_GU"])
@@ -192,6 +205,7 @@ def _buffer_specs(T: int, topk: int, H: int, I: int, dtype: torch.dtype, lora: M
     specs.append(((T, cfg["SPLIT"], 2, br) if shared else (0,), f32))
     specs.append(((N, nt, br), f32))
     specs.append(((N, br) if shared else (0,), f32))
+    specs.append(((0,), f32))
     return specs
 
 
@@ -199,7 +213,48 @@ def _lora_k_step(lora: MoELoraArgs | None, cfg: dict[str, int]) -> bool:
     """Whether a call runs the LoRA as K steps of the GEMMs (config key LORA_K; SPLIT 1 and no
     shared-outer adapters) rather than in their epilogues."""
     return (lora is not None and bool(cfg.get("LORA_K", 0)) and cfg["SPLIT"] == 1
+            and lora.shared_gate_up_A is None and lora.shared_down_B is None and not _lora_seg(lora, cfg))
+
+
+# The segment schedule (kernels/moe_lora_seg.py): from SEG_MIN_SLOTS slots in use at prefill sizes (more than
+# _PREFILL_PAIRS pairs per expert: never in a decode graph, which cannot see the step's adapter mix). H100,
+# Qwen3-30B-A3B layer, rank 16, tokens spread over the slots, MoE+LoRA / base, K step -> segments: 40 slots
+# 1.56 -> 1.53 at 256 tokens, 1.86 -> 1.73 at 512, 2.34 -> 1.98 at 1024, 2.64 -> 2.02 at 2048, 2.89 -> 1.57 at
+# 8192; 16 slots 1.42 -> 1.39 at 256, 1.49 -> 1.52 at 512, 1.59 -> 1.57 at 1024, 1.68 -> 1.54 at 2048, 1.77 ->
+# 1.39 at 8192; 8 slots 1.25 -> 1.30 at 256, 1.30 -> 1.36 at 2048, 1.31 -> 1.33 at 8192 (docs/KERNEL_NOTES.md)
+SEG_MIN_SLOTS = 16
+
+
+def _lora_seg(lora: MoELoraArgs | None, cfg: dict[str, int]) -> bool:
+    """Whether a call runs the LoRA by segments of one virtual expert (config key LORA_SEG; no shared-outer
+    adapters): the base GEMMs alone, the LoRA as grouped GEMMs around them."""
+    return (lora is not None and bool(cfg.get("LORA_SEG", 0))
             and lora.shared_gate_up_A is None and lora.shared_down_B is None)
+
+
+def use_seg(lora: MoELoraArgs, T: int, topk: int, E: int) -> bool:
+    """Whether a call's default schedule is the segment one: no shared-outer adapters, and the slots in use
+    (lora.active_slots, else every registered slot) many enough for the pairs per expert."""
+    if lora.shared_gate_up_A is not None or lora.shared_down_B is not None:
+        return False
+    active = lora.gate_up_A.shape[0] if lora.active_slots is None else lora.active_slots
+    return active >= SEG_MIN_SLOTS and _prefill_sized(T, topk, E)
+
+
+def _seg_i_split(I: int, cfg: dict[str, int]) -> int:
+    """The segment expand's programs per virtual block (config key SEG_I_SPLIT), at most its I tiles."""
+    return max(1, min(cfg.get("SEG_I_SPLIT", SEG_I_SPLIT), triton.cdiv(I, EXPAND_LAUNCH["block_i"])))
+
+
+def call_config(T: int, topk: int, E: int, H: int, I: int, device: torch.device, lora: MoELoraArgs | None,
+                config: dict[str, int] | None = None) -> dict[str, int]:
+    """The block config one fused_moe call runs with: `config` if given, else `moe_config`'s; with many slots
+    in use at prefill sizes (`use_seg`) the base entry's tiles with LORA_SEG, the segment schedule."""
+    if config is not None:
+        return config
+    if lora is not None and use_seg(lora, T, topk, E):
+        return {**moe_config(T, topk, E, H, I, device, False), "LORA_SEG": 1}
+    return moe_config(T, topk, E, H, I, device, lora is not None)
 
 
 def _lora_compact(lora: MoELoraArgs | None, cfg: dict[str, int], pairs: int) -> bool:
@@ -234,7 +289,7 @@ def fused_moe_scratch_bytes(x: torch.Tensor, w13: torch.Tensor, topk: int, lora:
     allocate it once per captured T; a call may pass a larger buffer)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
-    cfg = moe_config(T, topk, E, H, two_i // 2, x.device, lora is not None)
+    cfg = call_config(T, topk, E, H, two_i // 2, x.device, lora)
     return sum(_nbytes(s, d) for s, d in _buffer_specs(T, topk, H, two_i // 2, x.dtype, lora, cfg))
 
 
@@ -292,7 +347,7 @@ def fused_moe(
     ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
     ids = ids.contiguous()
     weights = topk_weights.reshape(-1)
-    cfg = config or moe_config(T, topk, E, H, I, x.device, lora is not None)
+    cfg = call_config(T, topk, E, H, I, x.device, lora, config)
     bm = cfg["BLOCK_M"]
     buf = _carve(_buffer_specs(T, topk, H, I, x.dtype, lora, cfg), scratch, x.device)
     if lora is not None and (lora.token_slot.shape != (T,) or lora.token_slot.dtype != torch.int32):
@@ -301,7 +356,8 @@ def fused_moe(
     slot = lora.token_slot.contiguous() if lora is not None else ids  # (without LoRA: a pointer never read)
     # with LoRA the alignment also lays out each row's adapter slot beside its pair id (sorted_slot)
     k_step = _lora_k_step(lora, cfg)
-    compact = _lora_compact(lora, cfg, T * topk)
+    seg = _lora_seg(lora, cfg)
+    compact = _lora_compact(lora, cfg, T * topk) and not seg
     # (K step mode: per-block counters, zeroed with the alignment's counts: the gate_up kernel's I tiles stored,
     # then the down shrink's parts; the down shrink and the down kernel start each block on them)
     max_blocks = max_padded_size(T * topk, E, bm) // bm
@@ -320,7 +376,7 @@ def fused_moe(
     pdl = use_pdl(x.device)
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], USE_PDL=pdl, launch_pdl=pdl)
 
-    has_lora = lora is not None
+    has_lora = lora is not None and not seg  # (the segment schedule runs the GEMMs without LoRA)
     S = R = 0
     br = 16
     has_shared = False
@@ -344,10 +400,14 @@ def fused_moe(
             sh_a = lora.shared_gate_up_A if lora.shared_gate_up_A is not None else zero_a
             sh_b = lora.shared_down_B if lora.shared_down_B is not None else zero_b
             lora = lora._replace(shared_gate_up_A=sh_a, shared_down_B=sh_b)
-        moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, topk, bm, cfg["SPLIT"],
-                        buf.zgu, buf.zsh if has_shared else None, stacked=k_step, compact=compact,
-                        sub_m=cfg.get("SHRINK_M"),
-                        cast_fp32=cast, dot_prec=prec)
+        if seg:
+            seg_m = cfg.get("SEG_M", SEG_M)
+            valign = seg_align(ids, lora, E, seg_m)
+            moe_lora_seg_shrink(x, lora, valign, topk, buf.zgu, seg_m=seg_m, cast_fp32=cast, dot_prec=prec)
+        else:
+            moe_lora_shrink(x, lora, align.sorted_ids, align.block_expert, align.num_padded, topk, bm,
+                            cfg["SPLIT"], buf.zgu, buf.zsh if has_shared else None, stacked=k_step,
+                            compact=compact, sub_m=cfg.get("SHRINK_M"), cast_fp32=cast, dot_prec=prec)
     nt_gu = triton.cdiv(I, cfg["BLOCK_N_GU"])
     sg = _epilogue_slot_group(S, br, cfg)
     nt_p2 = triton.next_power_of_2(nt_gu)
@@ -355,15 +415,19 @@ def fused_moe(
     nt_chunk = max(1, min(nt_p2, 4096 // (bm * br)))  # the down kernel sums each row's own partials
     _gate_up_kernel[(max_blocks * nt_gu,)](
         x, w13, buf.act, align.sorted_ids, align.block_expert, align.num_padded,
-        row_slot, buf.zgu, buf.zsh, gu_b, d_a, buf.zdp, act_ready,
+        row_slot, buf.zgu, buf.zsh, gu_b, d_a, buf.zdp, act_ready, buf.h if seg else x,
         N, topk, H, I, S, R,
         x.stride(0), x.stride(1), *w13.stride(), buf.act.stride(0),
         *(gu_b.stride() if has_lora else (0, 0, 0, 0)), *(d_a.stride() if has_lora else (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N_GU"], BLOCK_K=cfg["BLOCK_K_GU"], GROUP_M=cfg["GROUP_M"],
         HAS_LORA=has_lora, HAS_SHARED=has_shared, SPLIT=cfg["SPLIT"], BLOCK_R=br, SG=sg,
         EVEN_K=H % cfg["BLOCK_K_GU"] == 0, CAST_FP32=cast, DOT_PREC=prec, LORA_K=k_step, PREFETCH=prefetch,
-        ONE_GROUP=sg >= S, COMPACT=compact, SP=triton.next_power_of_2(S) if compact else 1, **launch,
+        ONE_GROUP=sg >= S, COMPACT=compact, SP=triton.next_power_of_2(S) if compact else 1, H_OUT=seg, **launch,
     )
+    if seg:
+        assert lora is not None
+        moe_lora_seg_expand(buf.h, buf.zgu, lora, valign, buf.act, buf.zdp, seg_m=seg_m, cast_fp32=cast,
+                            dot_prec=prec)
     if k_step:
         assert lora is not None
         moe_lora_down_shrink(buf.act, lora, align.sorted_ids, align.block_expert, align.num_padded, topk, bm,
@@ -383,6 +447,10 @@ def fused_moe(
         HOIST_Z=nt_p2 if bm * nt_p2 * br <= HOIST_Z_ELEMS else 0, COMPACT=compact,
         SP=triton.next_power_of_2(S) if compact else 1, **launch,
     )
+    if seg:
+        assert lora is not None
+        moe_lora_seg_down_expand(buf.ypair, buf.zdp, weights, lora, valign, seg_m=seg_m, cast_fp32=cast,
+                                 dot_prec=prec)
     block_t = 16
     block_h = min(256, triton.next_power_of_2(H))
     _topk_sum_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](

@@ -67,6 +67,7 @@ def _gate_up_kernel(
     d_a_ptr,  # [S, E, R, I] (LoRA)
     zdp_ptr,  # [N, num_pid_n, BLOCK_R] fp32 out: down-shrink partials of this I tile (LoRA)
     act_ready_ptr,  # [max_blocks] int32, zero at the alignment (LORA_K): counts each block's stored I tiles
+    h_ptr,  # [N, 2I] out (H_OUT): the pre-activation [gate | up] of rows with an adapter
     # sizes
     N, TOPK, H, I, S, R,
     # strides
@@ -84,9 +85,11 @@ def _gate_up_kernel(
     ONE_GROUP: tl.constexpr = False,  # epilogue path, S <= SG: the slots take one group (no loop past it)
     COMPACT: tl.constexpr = False,  # the slots grouped (epilogue) or z stacked (LORA_K) by the block's own slots
     SP: tl.constexpr = 1,  # COMPACT: next power of two >= S
+    H_OUT: tl.constexpr = False,  # the segment LoRA (moe_lora_seg): adapter rows store h, the others act
 ):
-    if HAS_LORA:
-        # the shrink writes only zgu/zsh, read after pdl_wait below: the main loop overlaps it
+    if HAS_LORA or H_OUT:
+        # the shrink writes only zgu/zsh, read after pdl_wait below: the main loop overlaps it (H_OUT: the
+        # segment shrink, whose programs start after the alignments are done, is not read here at all)
         pdl_trigger(USE_PDL)
     else:
         pdl_wait(USE_PDL)
@@ -95,7 +98,7 @@ def _gate_up_kernel(
     num_pid_n = tl.cdiv(I, BLOCK_N)
     ok, expert, rows, pid_n, slot, pid_m = _block_rows(tl.program_id(0), sorted_ids_ptr, block_expert_ptr,
                                                        num_padded_ptr, row_slot_ptr, num_pid_n, N, GROUP_M, BLOCK_M,
-                                                       HAS_LORA)
+                                                       HAS_LORA or H_OUT)
     if ok:
         mask_m = rows < N
         token = (rows // TOPK).to(tl.int64)
@@ -228,9 +231,17 @@ def _gate_up_kernel(
                         acc_g, acc_u = _gu_expand_group(acc_g, acc_u, sel, zg_own, zu_own, z_row, zs_row, q_r, bg, bu,
                                                         BLOCK_M, SG, BLOCK_R, SPLIT, HAS_SHARED, CAST_FP32, DOT_PREC)
         act = (acc_g / (1.0 + tl.exp(-acc_g)) * acc_u).to(act_ptr.dtype.element_ty)
+        mask_a = mask_m[:, None] & mask_n[None, :]
+        if H_OUT:
+            # adapter rows: h for the segment expand, which adds the LoRA and applies the activation itself
+            mask_h = mask_a & (slot >= 0)[:, None]
+            mask_a = mask_a & (slot < 0)[:, None]
+            h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * (2 * I) + offs_n[None, :]
+            tl.store(h_ptrs, acc_g.to(h_ptr.dtype.element_ty), mask=mask_h, eviction_policy="evict_last")
+            tl.store(h_ptrs + I, acc_u.to(h_ptr.dtype.element_ty), mask=mask_h, eviction_policy="evict_last")
         # act is read again by the down GEMM while expert weights stream through L2: keep it there
         tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :], act,
-                 mask=mask_m[:, None] & mask_n[None, :], eviction_policy="evict_last")
+                 mask=mask_a, eviction_policy="evict_last")
         if HAS_LORA and LORA_K:
             # the down shrink and the down kernel start on this block once all its I tiles are stored (they spin
             # on the count, so they run beside this grid's last programs instead of after the whole grid)
@@ -266,5 +277,5 @@ def _gate_up_kernel(
                 offs_r = tl.arange(0, BLOCK_R)
                 zdp_ptrs = zdp_ptr + (rows.to(tl.int64)[:, None] * num_pid_n + pid_n) * BLOCK_R + offs_r[None, :]
                 tl.store(zdp_ptrs, zd, mask=has[:, None])
-    if HAS_LORA:
+    if HAS_LORA or H_OUT:
         pdl_wait(USE_PDL)  # every program: this launch finishing implies the shrink finished

@@ -289,10 +289,11 @@ def compile_check() -> int:
     import lorax.kernels.fused_moe as fm
     import lorax.kernels.moe_align as ma
     import lorax.kernels.moe_lora as ml
+    import lorax.kernels.moe_lora_seg as mls
 
     original = jit.JITFunction.run
     jit.JITFunction.run = fake_run  # type: ignore[method-assign]
-    pdl_modules = (fm, ma, ml)
+    pdl_modules = (fm, ma, ml, mls)
     for m in pdl_modules:  # compile the launches as an sm_90 GPU makes them: with PDL
         m.use_pdl = lambda device: True  # type: ignore[attr-defined]
     try:
@@ -309,6 +310,11 @@ def compile_check() -> int:
         for cfg in (small, small_p):  # 40 slots: the epilogue path's slot groups by each block's own slots
             for lora in ("lora", "shared"):
                 drive(8, 2048, 768, 128, 8, torch.bfloat16, lora, cfg, S=40)
+        for S in (4, 40):  # the segment schedule (16-row virtual blocks; 32 rows with the expand split in four)
+            drive(2048, 2048, 768, 128, 8, torch.bfloat16, "lora", {**large, "BLOCK_M": 128, "num_warps": 8,
+                                                                    "LORA_SEG": 1}, S=S)
+        drive(2048, 2048, 768, 128, 8, torch.bfloat16, "lora", {**large, "LORA_SEG": 1, "SEG_M": 32,
+                                                                "SEG_I_SPLIT": 4})
         drive(1, 4096, 14336, 8, 2, torch.bfloat16, "lora", None)  # Mixtral: wide I, partials summed in a loop
         drive(5, 96, 40, 6, 2, torch.float16, "shared", None)  # odd sizes, default config
         drive(200, 96, 40, 1024, 8, torch.bfloat16, "", None)  # 1024 experts: the prefix sum's own launch

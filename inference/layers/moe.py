@@ -35,9 +35,10 @@ class MoESlab:
         self.down_A, self.down_B = down_A, down_B
         self.shared_gate_up_A, self.shared_down_B = shared_gate_up_A, shared_down_B
 
-    def args(self, token_slot: torch.Tensor, shared: bool = True) -> MoELoraArgs:
+    def args(self, token_slot: torch.Tensor, shared: bool = True, active_slots: int | None = None) -> MoELoraArgs:
         """The kernels' arguments; shared=False leaves the shared-outer slabs out (exact when no token's
-        slot holds a shared-outer adapter: their rows are zero for every other slot)."""
+        slot holds a shared-outer adapter: their rows are zero for every other slot). active_slots: the
+        distinct slots the step's tokens use, if known (a schedule hint)."""
         return MoELoraArgs(
             token_slot,
             self.gate_up_A,
@@ -46,6 +47,7 @@ class MoESlab:
             self.down_B,
             self.shared_gate_up_A if shared else None,
             self.shared_down_B if shared else None,
+            active_slots,
         )
 
 
@@ -76,7 +78,8 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
         weights, ids = self.route(x)
-        lora = self.lora.args(ctx.token_slot, ctx.moe_shared) if (ctx.has_lora and self.lora is not None) else None
+        lora = (self.lora.args(ctx.token_slot, ctx.moe_shared, ctx.active_slots)
+                if (ctx.has_lora and self.lora is not None) else None)
         y = self.ops.fused_moe(x, self.w13, self.w2, weights, ids, lora, scratch=ctx.moe_scratch)
         if self.shared is not None and self.shared_gate is not None:
             y = y + torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x)

@@ -93,3 +93,40 @@ def test_triton_backend_lora_k_step_matches_merged_oracle(tmp_path: Path, monkey
     ours = llm.prompt_logits(GenerateRequest("l", prompt_token_ids=PROMPTS[0], adapter="b"))
     ref = hf_logits(merged(hf, ads["b"]), PROMPTS[0])
     assert (ours - ref).abs().max().item() / ref.abs().max().item() < 1e-4
+
+
+def test_triton_backend_segment_schedule_matches_merged_oracle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine with the MoE LoRA in the segment schedule (kernels/moe_lora_seg.py), which it takes by default
+    only with many adapters in use at prefill sizes: the thresholds lowered so that this tiny model's steps
+    take it. The step's distinct adapters reach the kernels as `active_slots`; a step with a shared-outer
+    adapter keeps the other schedules."""
+    from lorax.kernels import fused_moe as fm
+
+    monkeypatch.setattr(fm, "SEG_MIN_SLOTS", 2)
+    monkeypatch.setattr(fm, "_PREFILL_PAIRS", 0)
+    base_use_seg = fm.use_seg
+    seen: list[tuple[int | None, bool]] = []
+
+    def spy_use_seg(lora, T, topk, E):  # type: ignore[no-untyped-def]
+        mode = base_use_seg(lora, T, topk, E)
+        seen.append((lora.active_slots, mode))
+        return mode
+
+    monkeypatch.setattr(fm, "use_seg", spy_use_seg)
+    hf = build_hf("qwen3_moe")
+    path = save(hf, tmp_path / "m")
+    ads = {"a": random_adapter(hf, "a", rank=4, seed=6), "b": random_adapter(hf, "b", rank=8, seed=7),
+           "c": random_adapter(hf, "c", rank=1, seed=8),
+           "so": random_adapter(hf, "so", rank=8, moe_format="shared-outer", seed=9)}
+    llm = LLM(str(path), adapters=ads, device=DEVICE, dtype="float32", kernel_backend="triton",
+              max_model_len=32, max_lora_rank=8, max_num_batched_tokens=16, enforce_eager=True)
+    for names, want_seg in (([None, "a", "b", "c"], True), (["so", "a"], False)):
+        seen.clear()
+        reqs = [GenerateRequest(f"{a}-{i}", prompt_token_ids=p, adapter=a,
+                                sampling=SamplingParams(max_tokens=NEW, ignore_eos=True))
+                for a in names for i, p in enumerate(PROMPTS)]
+        for req, out in zip(reqs, llm.generate(reqs), strict=True):
+            oracle = hf if req.adapter is None else merged(hf, ads[req.adapter])
+            assert out.token_ids == hf_greedy(oracle, req.prompt_token_ids or [], NEW), req.request_id
+        assert seen and any(m for _, m in seen) == want_seg, (names, seen)
+        assert max(a or 0 for a, _ in seen) == len([n for n in names if n]), seen  # the step's adapters

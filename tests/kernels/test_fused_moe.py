@@ -28,7 +28,7 @@ def make_moe(T: int, H: int, I: int, E: int, k: int, dtype: torch.dtype, device:
 def ref_fp32(x, w13, w2, w, ids, lora=None):  # type: ignore[no-untyped-def]
     if lora is not None:
         lora = lora._replace(**{f: getattr(lora, f).float() for f in lora._fields
-                                if f != "token_slot" and getattr(lora, f) is not None})
+                                if isinstance(getattr(lora, f), torch.Tensor) and f != "token_slot"})
     return fused_moe_ref(x.float(), w13.float(), w2.float(), w.float(), ids, lora)
 
 
@@ -128,7 +128,8 @@ def test_kernels_compile_for_sm90_without_a_gpu() -> None:
     compiled = {ln.split()[1] for ln in lines if ln.startswith("ok")}
     assert {"_gate_up_kernel", "_down_kernel", "_topk_sum_kernel", "_moe_lora_shrink_kernel", "_moe_count_kernel",
             "_moe_scatter_kernel", "_moe_prefix_kernel", "_moe_align_small_kernel",
-            "_moe_lora_down_shrink_kernel", "_prefill_kernel", "_decode_kernel", "_decode_reduce_kernel"} <= compiled
+            "_moe_lora_down_shrink_kernel", "_prefill_kernel", "_decode_kernel", "_decode_reduce_kernel",
+            "_seg_shrink_kernel", "_seg_expand_kernel", "_seg_down_expand_kernel"} <= compiled
 
 
 def test_moe_config_takes_the_lora_entry_for_lora_calls(monkeypatch):
