@@ -42,6 +42,9 @@ columns of the two GEMMs, stacked by slot, with zeros outside each row's own slo
     launch 3  `moe_lora_down_shrink`: z_d = down_A[s,e] a into act's extra columns [I, I + S*BLOCK_R)
     launch 4  down GEMM: K steps over those columns x down_B stacked
 Blocks without adapter rows skip both shrinks and both K steps.
+
+Segment mode (config LORA_SEG; many adapters in use at prefill sizes): a second alignment by virtual expert and
+the LoRA as grouped GEMMs around base-only GEMMs, kernels/moe_lora_seg.py.
 """
 
 from __future__ import annotations
