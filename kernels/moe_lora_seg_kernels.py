@@ -21,15 +21,27 @@ from lorax.kernels._common import pdl_trigger, pdl_wait
 
 
 @triton.jit
-def _seg_block(sorted_ids_ptr, block_v_ptr, num_padded_ptr, N, E, BLOCK_M: tl.constexpr):
-    """This program's virtual block: whether it has work, its slot and expert, its pair rows (N = padding)."""
+def _seg_block(sorted_ids_ptr, block_v_ptr, num_padded_ptr, N, E, BLOCK_M: tl.constexpr, USE_PDL: tl.constexpr):
+    """This program's virtual block, after the PDL wait: whether it has work, its slot and expert, its pair rows
+    (int64; N = padding) and their mask."""
+    pdl_wait(USE_PDL)
+    pdl_trigger(USE_PDL)
     pid = tl.program_id(0)
     live = pid * BLOCK_M < tl.load(num_padded_ptr)
     v = tl.load(block_v_ptr + pid, mask=live, other=-1)
     rows = tl.load(sorted_ids_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M), mask=live, other=N)
     ok = live & (v >= 0)
     v = tl.maximum(v, 0)
-    return ok, (v // E).to(tl.int64), (v % E).to(tl.int64), rows
+    return ok, (v // E).to(tl.int64), (v % E).to(tl.int64), rows.to(tl.int64), rows < N
+
+
+@triton.jit
+def _operand(t, like_ptr, CAST_FP32: tl.constexpr):
+    """A dot operand from an fp32 tile: fp32 under the interpreter (CAST_FP32), else like_ptr's dtype."""
+    if CAST_FP32:
+        return t.to(tl.float32)
+    else:
+        return t.to(like_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -43,12 +55,9 @@ def _seg_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    pdl_wait(USE_PDL)
-    pdl_trigger(USE_PDL)
-    ok, s, e, rows = _seg_block(sorted_ids_ptr, block_v_ptr, num_padded_ptr, N, E, BLOCK_M)
+    ok, s, e, rows64, mask_m = _seg_block(sorted_ids_ptr, block_v_ptr, num_padded_ptr, N, E, BLOCK_M, USE_PDL)
     if ok:
-        mask_m = rows < N
-        token = (rows // TOPK).to(tl.int64)
+        token = rows64 // TOPK
         offs_q = tl.arange(0, 2 * BLOCK_R)
         q_r = offs_q % BLOCK_R
         a_row = tl.where(offs_q < BLOCK_R, q_r, R + q_r)  # gate rows [0, R), up rows [R, 2R)
@@ -67,7 +76,7 @@ def _seg_shrink_kernel(
             acc = tl.dot(xt, at, acc, input_precision=DOT_PREC)
             x_ptrs += BLOCK_K * stride_xh
             a_ptrs += BLOCK_K * stride_ah
-        tl.store(z_ptr + rows.to(tl.int64)[:, None] * (2 * BLOCK_R) + offs_q[None, :], acc, mask=mask_m[:, None])
+        tl.store(z_ptr + rows64[:, None] * (2 * BLOCK_R) + offs_q[None, :], acc, mask=mask_m[:, None])
 
 
 @triton.jit
@@ -86,23 +95,13 @@ def _seg_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, I_SPLIT: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    pdl_wait(USE_PDL)
-    pdl_trigger(USE_PDL)
-    ok, s, e, rows = _seg_block(sorted_ids_ptr, block_v_ptr, num_padded_ptr, N, E, BLOCK_M)
+    ok, s, e, rows64, mask_m = _seg_block(sorted_ids_ptr, block_v_ptr, num_padded_ptr, N, E, BLOCK_M, USE_PDL)
     if ok:
-        mask_m = rows < N
-        rows64 = rows.to(tl.int64)
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         z_rows = z_ptr + rows64[:, None] * (2 * BLOCK_R) + offs_r[None, :]
-        zg = tl.load(z_rows, mask=mask_m[:, None], other=0.0)
-        zu = tl.load(z_rows + BLOCK_R, mask=mask_m[:, None], other=0.0)
-        if CAST_FP32:
-            zg = zg.to(tl.float32)
-            zu = zu.to(tl.float32)
-        else:
-            zg = zg.to(b_ptr.dtype.element_ty)
-            zu = zu.to(b_ptr.dtype.element_ty)
+        zg = _operand(tl.load(z_rows, mask=mask_m[:, None], other=0.0), b_ptr, CAST_FP32)
+        zu = _operand(tl.load(z_rows + BLOCK_R, mask=mask_m[:, None], other=0.0), b_ptr, CAST_FP32)
         pid_i = tl.program_id(1)
         offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
         b_ptrs = b_ptr + s * stride_bs + e * stride_be + offs_r[:, None] * stride_br + offs_i[None, :] * stride_bn
@@ -150,12 +149,8 @@ def _seg_down_expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, I_SPLIT: tl.constexpr,
     CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    pdl_wait(USE_PDL)
-    pdl_trigger(USE_PDL)
-    ok, s, e, rows = _seg_block(sorted_ids_ptr, block_v_ptr, num_padded_ptr, N, E, BLOCK_M)
+    ok, s, e, rows64, mask_m = _seg_block(sorted_ids_ptr, block_v_ptr, num_padded_ptr, N, E, BLOCK_M, USE_PDL)
     if ok:
-        mask_m = rows < N
-        rows64 = rows.to(tl.int64)
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         w = tl.load(w_ptr + rows64, mask=mask_m, other=0.0).to(tl.float32)
@@ -163,11 +158,7 @@ def _seg_down_expand_kernel(
         for p in tl.static_range(I_SPLIT):
             zd += tl.load(zd_ptr + (rows64[:, None] * I_SPLIT + p) * BLOCK_R + offs_r[None, :], mask=mask_m[:, None],
                           other=0.0)
-        zd = zd * w[:, None]
-        if CAST_FP32:
-            zd = zd.to(tl.float32)
-        else:
-            zd = zd.to(db_ptr.dtype.element_ty)
+        zd = _operand(zd * w[:, None], db_ptr, CAST_FP32)
         offs_h = tl.arange(0, BLOCK_H)
         b_ptrs = db_ptr + s * stride_bs + e * stride_be + offs_r[:, None] * stride_br + offs_h[None, :] * stride_bh
         y_ptrs = ypair_ptr + rows64[:, None] * stride_ym + offs_h[None, :]
