@@ -58,8 +58,9 @@ def test_triton_backend_lora_k_step_matches_merged_oracle(tmp_path: Path, monkey
     as the tuned prefill buckets run it. A shared-outer adapter is registered too: steps without it leave
     the shared-outer slabs out and take the K step; a step with it takes the epilogue path."""
     from lorax.kernels import fused_moe as fm
+    from lorax.kernels import moe_config as mc
 
-    base_config, base_k_step = fm.moe_config, fm._lora_k_step
+    base_config, base_k_step = mc.moe_config, fm._lora_k_step
     k_steps: list[bool] = []
 
     def k_step_config(T: int, topk: int, E: int, H: int, I: int, device: torch.device,  # noqa: E741
@@ -73,7 +74,7 @@ def test_triton_backend_lora_k_step_matches_merged_oracle(tmp_path: Path, monkey
             k_steps.append(bool(mode))
         return mode
 
-    monkeypatch.setattr(fm, "moe_config", k_step_config)
+    monkeypatch.setattr(mc, "moe_config", k_step_config)
     monkeypatch.setattr(fm, "_lora_k_step", spy_k_step)
     hf = build_hf("qwen3_moe")
     path = save(hf, tmp_path / "m")
@@ -100,11 +101,11 @@ def test_triton_backend_segment_schedule_matches_merged_oracle(tmp_path: Path, m
     only with many adapters in use at prefill sizes: the thresholds lowered so that this tiny model's steps
     take it. The step's distinct adapters reach the kernels as `active_slots`; a step with a shared-outer
     adapter keeps the other schedules."""
-    from lorax.kernels import fused_moe as fm
+    from lorax.kernels import moe_config as mc
 
-    monkeypatch.setattr(fm, "SEG_MIN_SLOTS", 2)
-    monkeypatch.setattr(fm, "_PREFILL_PAIRS", 0)
-    base_use_seg = fm.use_seg
+    monkeypatch.setattr(mc, "SEG_MIN_SLOTS", 2)
+    monkeypatch.setattr(mc, "_PREFILL_PAIRS", 0)
+    base_use_seg = mc.use_seg
     seen: list[tuple[int | None, bool]] = []
 
     def spy_use_seg(lora, T, topk, E):  # type: ignore[no-untyped-def]
@@ -112,7 +113,7 @@ def test_triton_backend_segment_schedule_matches_merged_oracle(tmp_path: Path, m
         seen.append((lora.active_slots, mode))
         return mode
 
-    monkeypatch.setattr(fm, "use_seg", spy_use_seg)
+    monkeypatch.setattr(mc, "use_seg", spy_use_seg)
     hf = build_hf("qwen3_moe")
     path = save(hf, tmp_path / "m")
     ads = {"a": random_adapter(hf, "a", rank=4, seed=6), "b": random_adapter(hf, "b", rank=8, seed=7),

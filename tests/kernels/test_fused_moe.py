@@ -157,6 +157,7 @@ def test_moe_config_past_the_largest_bucket(monkeypatch):
     # else the heuristic (a decode bucket's tile is not taken for a prefill call)
     import lorax.kernels._common as common
     import lorax.kernels.fused_moe as fm
+    import lorax.kernels.moe_config as mc
 
     large = dict(BLOCK_M=128, BLOCK_N_GU=128, BLOCK_K_GU=64, BLOCK_N_D=256, BLOCK_K_D=64, GROUP_M=8, SPLIT=1,
                  num_warps=8, num_stages=4)
@@ -166,13 +167,13 @@ def test_moe_config_past_the_largest_bucket(monkeypatch):
               "decode": {"Fake GPU": {"E128_H2048_I768_k8": {"8": small, "128": small}}}}
     monkeypatch.setattr(common, "_device_name", lambda device: "Fake GPU")
     monkeypatch.setattr(common, "interpreting", lambda: False)
-    monkeypatch.setattr(fm, "interpreting", lambda: False)
+    monkeypatch.setattr(mc, "interpreting", lambda: False)
     dev = torch.device("cuda")
     for name, table in tables.items():
         monkeypatch.setattr(common, "_config_file", lambda f, t=table: t if f == "fused_moe.json" else {})
         got = fm.moe_config(8192, 8, 128, 2048, 768, dev)
-        assert got == (large if name == "prefill" else fm._default_config(8192, 8, 128)), name
+        assert got == (large if name == "prefill" else mc._default_config(8192, 8, 128)), name
         assert got["BLOCK_M"] == (128 if name == "prefill" else 64)
     # 200 tokens (12.5 pairs per expert) past a decode table: the heuristic's mid-size tile
     monkeypatch.setattr(common, "_config_file", lambda f: tables["decode"] if f == "fused_moe.json" else {})
-    assert fm.moe_config(200, 8, 128, 2048, 768, dev) == fm._default_config(200, 8, 128)
+    assert fm.moe_config(200, 8, 128, 2048, 768, dev) == mc._default_config(200, 8, 128)

@@ -11,6 +11,7 @@ from test_fused_moe import TOL, assert_close, make_moe, ref_fp32
 from test_moe_lora import _slots, make_lora
 
 from lorax.kernels import fused_moe as fm
+from lorax.kernels import moe_config as mc
 from lorax.kernels.fused_moe import fused_moe, fused_moe_scratch_bytes
 from lorax.kernels.moe_align import interpreting, virtual_expert_ids_ref
 from lorax.kernels.moe_lora import MoELoraArgs, lora_block_r
@@ -158,7 +159,7 @@ def test_call_config_takes_the_segment_schedule_for_many_slots_at_prefill(monkey
     base = dict(BLOCK_M=128, BLOCK_N_GU=128, BLOCK_K_GU=64, BLOCK_N_D=256, BLOCK_K_D=64, GROUP_M=8, SPLIT=1,
                 num_warps=8, num_stages=4)
     with_lora = {**base, "BLOCK_M": 64, "LORA_K": 1}
-    monkeypatch.setattr(fm, "tuned_buckets", lambda *a: {"2048": {**base, "lora": with_lora}})
+    monkeypatch.setattr(mc, "tuned_buckets", lambda *a: {"2048": {**base, "lora": with_lora}})
     dev = torch.device("cpu")
 
     def args(S: int, shared: bool = False, active: int | None = None) -> MoELoraArgs:
@@ -166,16 +167,16 @@ def test_call_config_takes_the_segment_schedule_for_many_slots_at_prefill(monkey
         return MoELoraArgs(torch.zeros(1, dtype=torch.int32), z, z, z, z, z[:, 0] if shared else None, None, active)
 
     def seg(T: int, lora: MoELoraArgs) -> bool:
-        return fm.call_config(T, 8, 128, 2048, 768, dev, lora).get("LORA_SEG") == 1
+        return mc.call_config(T, 8, 128, 2048, 768, dev, lora).get("LORA_SEG") == 1
 
-    many = fm.call_config(2048, 8, 128, 2048, 768, dev, args(fm.SEG_MIN_SLOTS))
+    many = mc.call_config(2048, 8, 128, 2048, 768, dev, args(mc.SEG_MIN_SLOTS))
     assert many["LORA_SEG"] == 1 and many["BLOCK_M"] == 128 and "LORA_K" not in many
-    assert not seg(2048, args(fm.SEG_MIN_SLOTS - 1))
+    assert not seg(2048, args(mc.SEG_MIN_SLOTS - 1))
     assert not seg(8, args(40)) and not seg(512, args(40))  # decode graph sizes
     assert not seg(2048, args(40, shared=True))
     # the slots in use, when the caller knows them, decide instead of the registered ones
     assert not seg(2048, args(40, active=4)) and seg(2048, args(16, active=16))
-    assert fm.call_config(2048, 8, 128, 2048, 768, dev, args(40), {"BLOCK_M": 16}) == {"BLOCK_M": 16}
+    assert mc.call_config(2048, 8, 128, 2048, 768, dev, args(40), {"BLOCK_M": 16}) == {"BLOCK_M": 16}
 
 
 @pytest.mark.gpu
@@ -189,7 +190,7 @@ def test_seg_schedule_gpu(dtype: torch.dtype, T: int, S: int, used: int) -> None
     ranks = [[16, 8, None, 4, 1][s % 5] for s in range(S)]
     slots = torch.randint(-1, used, (T,), dtype=torch.int32)
     lora = make_lora(T, H, I, E, ranks, slots, dtype, "cuda")
-    cfg = fm.call_config(T, k, E, H, I, torch.device("cuda"), lora)
+    cfg = mc.call_config(T, k, E, H, I, torch.device("cuda"), lora)
     assert cfg.get("LORA_SEG") == 1
     ref = ref_fp32(x, w13, w2, w, ids, lora)
     assert_close(fused_moe(x, w13, w2, w, ids, lora), ref, dtype)
