@@ -23,7 +23,7 @@ Keyword-only, both implementations (the reference ignores the first and last):
                   moe_lora.use_compact, else whenever the slots take more than one group) and PREFETCH (1:
                   the epilogue path's LoRA B / down_A / down_B tiles of a block's first slot group are issued
                   before the GEMMs' main loops; decode), LORA_SEG (1: the LoRA by segments of one virtual
-                  expert, kernels/moe_lora_seg.py; `call_config` sets it from 16 slots in use at prefill sizes),
+                  expert, kernels/moe_lora_seg.py; `moe_config.call_config` sets it from 16 slots in use at prefill sizes),
                   SEG_M (its rows per virtual block) and SEG_I_SPLIT (its expand programs per block)
 
 The Triton path is sync-free; its results are bitwise repeatable (the top-k sum has a fixed order).

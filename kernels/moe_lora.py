@@ -67,7 +67,7 @@ class MoELoraArgs(NamedTuple):
     shared_gate_up_A: torch.Tensor | None = None  # [S, 2R, H]
     shared_down_B: torch.Tensor | None = None  # [S, H, R]
     # host int: how many distinct slots the tokens use (the engine knows it per step from its sequences);
-    # None = unknown, taken as S. Only a hint for the schedule choice (fused_moe.call_config), never a bound
+    # None = unknown, taken as S. Only a hint for the schedule choice (moe_config.call_config), never a bound
     active_slots: int | None = None
 
 
