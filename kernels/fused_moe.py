@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from lorax.kernels._common import use_pdl
+from lorax.kernels._common import dot_precision, use_pdl
 from lorax.kernels.fused_moe_kernels import _gate_up_kernel
 from lorax.kernels.moe_align import interpreting, max_padded_size, moe_align, virtual_expert_ids_ref
 from lorax.kernels.moe_config import (  # noqa: F401  (moe_config, STACK_ELEMS: re-exported for callers)
@@ -243,7 +243,7 @@ def fused_moe(
     # with LoRA the alignment also lays out each row's adapter slot beside its pair id (sorted_slot)
     k_step = _lora_k_step(lora, cfg)
     seg = _lora_seg(lora, cfg)
-    compact = _lora_compact(lora, cfg, T * topk) and not seg
+    compact = _lora_compact(lora, cfg, T * topk)
     # (K step mode: per-block counters, zeroed with the alignment's counts: the gate_up kernel's I tiles stored,
     # then the down shrink's parts; the down shrink and the down kernel start each block on them)
     max_blocks = max_padded_size(T * topk, E, bm) // bm
@@ -255,7 +255,7 @@ def fused_moe(
     N = T * topk
     cast = interpreting()
     # fp32 (a CPU/debug dtype) on a GPU: exact fp32 products and tiles that fit in shared memory
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    prec = dot_precision(x.dtype)
     if x.dtype == torch.float32 and not cast:
         cfg = {**cfg, "BLOCK_K_GU": min(cfg["BLOCK_K_GU"], 64), "BLOCK_K_D": min(cfg["BLOCK_K_D"], 64),
                "num_stages": min(cfg["num_stages"], 2)}

@@ -120,8 +120,9 @@ def _lora_compact(lora: MoELoraArgs | None, cfg: dict[str, int], pairs: int) -> 
     """Whether the LoRA's slot groups follow each block's own distinct slots instead of every registered slot
     (config key COMPACT; else for the K step `use_compact` from the slots, the block rows and the pairs per
     expert, and for the epilogue path whenever the slots take more than one group: a decode block of a few
-    rows then takes one group, whose tiles PREFETCH issues before the main loops, whatever the slots)."""
-    if lora is None:
+    rows then takes one group, whose tiles PREFETCH issues before the main loops, whatever the slots). The
+    segment schedule has no slot groups."""
+    if lora is None or _lora_seg(lora, cfg):
         return False
     if "COMPACT" in cfg:
         return bool(cfg["COMPACT"])

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from lorax.kernels._common import use_pdl
+from lorax.kernels._common import dot_precision, interpreting, use_pdl
 from lorax.kernels.moe_align import MoEAlignment, moe_align, virtual_expert_ids_ref
 from lorax.kernels.moe_lora import MoELoraArgs, lora_block_r
 from lorax.kernels.moe_lora_seg_kernels import _seg_down_expand_kernel, _seg_expand_kernel, _seg_shrink_kernel
@@ -53,6 +53,11 @@ def seg_align(topk_ids: torch.Tensor, lora: MoELoraArgs, num_experts: int, seg_m
 def _check(lora: MoELoraArgs, what: str) -> None:
     if lora.shared_gate_up_A is not None or lora.shared_down_B is not None:
         raise ValueError(f"{what}: shared-outer adapters take fused_moe's other LoRA schedules")
+
+
+def _numerics(dtype: torch.dtype, cast_fp32: bool | None, dot_prec: str | None) -> tuple[bool, str]:
+    """The launchers' tl.dot settings: given, else fp32 operands under the interpreter and the dtype's precision."""
+    return interpreting() if cast_fp32 is None else cast_fp32, dot_prec or dot_precision(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -108,7 +113,7 @@ def moe_lora_seg_down_expand_ref(ypair: torch.Tensor, zd: torch.Tensor, weights:
 def moe_lora_seg_shrink(x: torch.Tensor, lora: MoELoraArgs, valign: MoEAlignment, topk: int, z: torch.Tensor, *,
                         seg_m: int = SEG_M, block_k: int = SHRINK_LAUNCH["block_k"],
                         num_warps: int = SHRINK_LAUNCH["num_warps"], num_stages: int = SHRINK_LAUNCH["num_stages"],
-                        cast_fp32: bool = False, dot_prec: str = "tf32") -> None:
+                        cast_fp32: bool | None = None, dot_prec: str | None = None) -> None:
     """z [T*k, 2 * BLOCK_R] fp32 of the pairs in `valign` (`seg_align`), one program per virtual block."""
     _check(lora, "moe_lora_seg_shrink")
     T, H = x.shape
@@ -118,6 +123,7 @@ def moe_lora_seg_shrink(x: torch.Tensor, lora: MoELoraArgs, valign: MoEAlignment
     br = lora_block_r(two_r // 2)
     if z.shape != (T * topk, 2 * br) or z.dtype != torch.float32 or not z.is_contiguous():
         raise ValueError(f"moe_lora_seg_shrink: z must be a contiguous [{T * topk}, {2 * br}] fp32 tensor")
+    cast_fp32, dot_prec = _numerics(x.dtype, cast_fp32, dot_prec)
     pdl = use_pdl(x.device)
     _seg_shrink_kernel[(valign.block_expert.numel(),)](
         x, lora.gate_up_A, z, valign.sorted_ids, valign.block_expert, valign.num_padded,
@@ -131,8 +137,8 @@ def moe_lora_seg_shrink(x: torch.Tensor, lora: MoELoraArgs, valign: MoEAlignment
 def moe_lora_seg_expand(h: torch.Tensor, z: torch.Tensor, lora: MoELoraArgs, valign: MoEAlignment,
                         act: torch.Tensor, zd: torch.Tensor, *, seg_m: int = SEG_M,
                         block_i: int = EXPAND_LAUNCH["block_i"], num_warps: int | None = None,
-                        num_stages: int = EXPAND_LAUNCH["num_stages"], cast_fp32: bool = False,
-                        dot_prec: str = "tf32") -> None:
+                        num_stages: int = EXPAND_LAUNCH["num_stages"], cast_fp32: bool | None = None,
+                        dot_prec: str | None = None) -> None:
     """act [N, I] and zd's z_d partials [N, I_SPLIT, BLOCK_R] fp32 (I_SPLIT programs per virtual block, each
     over every I_SPLIT-th I tile; a [N, BLOCK_R] zd is I_SPLIT 1) of the pairs in `valign`, from h [N, 2I]
     and the shrink's z."""
@@ -150,6 +156,7 @@ def moe_lora_seg_expand(h: torch.Tensor, z: torch.Tensor, lora: MoELoraArgs, val
     i_split = zd3.shape[1]
     if i_split < 1 or i_split > triton.cdiv(I, block_i):
         raise ValueError(f"moe_lora_seg_expand: {i_split} z_d partials for {triton.cdiv(I, block_i)} I tiles")
+    cast_fp32, dot_prec = _numerics(h.dtype, cast_fp32, dot_prec)
     pdl = use_pdl(h.device)
     _seg_expand_kernel[(valign.block_expert.numel(), i_split)](
         h, z, lora.gate_up_B, lora.down_A, act, zd, valign.sorted_ids, valign.block_expert, valign.num_padded,
@@ -163,8 +170,8 @@ def moe_lora_seg_expand(h: torch.Tensor, z: torch.Tensor, lora: MoELoraArgs, val
 def moe_lora_seg_down_expand(ypair: torch.Tensor, zd: torch.Tensor, weights: torch.Tensor, lora: MoELoraArgs,
                              valign: MoEAlignment, *, seg_m: int = SEG_M, block_h: int = DOWN_EXPAND_LAUNCH["block_h"],
                              num_warps: int = DOWN_EXPAND_LAUNCH["num_warps"],
-                             num_stages: int = DOWN_EXPAND_LAUNCH["num_stages"], cast_fp32: bool = False,
-                             dot_prec: str = "tf32") -> None:
+                             num_stages: int = DOWN_EXPAND_LAUNCH["num_stages"], cast_fp32: bool | None = None,
+                             dot_prec: str | None = None) -> None:
     """ypair [N, H] += w down_B[s, e] z_d over the pairs in `valign`, z_d the sum of zd's partials [N, I_SPLIT,
     BLOCK_R] fp32 (or [N, BLOCK_R]); weights [N] (topk_weights flattened)."""
     _check(lora, "moe_lora_seg_down_expand")
@@ -175,6 +182,7 @@ def moe_lora_seg_down_expand(ypair: torch.Tensor, zd: torch.Tensor, weights: tor
     ok = zd.is_contiguous() and zd.shape[0] == N and zd.numel() % (N * br) == 0
     if ypair.shape != (N, H) or ypair.stride(1) != 1 or not ok or weights.numel() != N:
         raise ValueError(f"moe_lora_seg_down_expand: ypair must be [{N}, {H}], zd [{N}, I_SPLIT, {br}], weights [{N}]")
+    cast_fp32, dot_prec = _numerics(ypair.dtype, cast_fp32, dot_prec)
     pdl = use_pdl(ypair.device)
     _seg_down_expand_kernel[(valign.block_expert.numel(),)](
         ypair, zd, weights.reshape(-1), lora.down_B, valign.sorted_ids, valign.block_expert, valign.num_padded,

@@ -28,6 +28,15 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
 NEW = 4
 
 
+def _generate_matches_oracles(llm: LLM, hf, ads: dict, names: list[str | None]) -> None:  # type: ignore[no-untyped-def]
+    """Every prompt of PROMPTS once per adapter name (None: the base model), greedy, equal to the merged oracle's."""
+    reqs = [GenerateRequest(f"{a}-{i}", prompt_token_ids=p, adapter=a, sampling=SamplingParams(max_tokens=NEW, ignore_eos=True))
+            for a in names for i, p in enumerate(PROMPTS)]
+    for req, out in zip(reqs, llm.generate(reqs), strict=True):
+        oracle = hf if req.adapter is None else merged(hf, ads[req.adapter])
+        assert out.token_ids == hf_greedy(oracle, req.prompt_token_ids or [], NEW), req.request_id
+
+
 @pytest.mark.parametrize("stacked", ["0", "1"])  # A apart / stacked under the dense weights
 def test_triton_backend_matches_merged_oracles(stacked: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lora_stacked, "STACKED_MODE", stacked)
@@ -41,12 +50,7 @@ def test_triton_backend_matches_merged_oracles(stacked: str, tmp_path: Path, mon
               max_model_len=32, max_lora_rank=8, max_num_batched_tokens=4, enforce_eager=True)
     assert llm.ops.name == "triton"
     assert (llm.model.layers[0].attn.qkv._w_cat is not None) == (stacked == "1")
-    names: list[str | None] = [None, "pe", "so"]
-    reqs = [GenerateRequest(f"{a}-{i}", prompt_token_ids=p, adapter=a, sampling=SamplingParams(max_tokens=NEW, ignore_eos=True))
-            for a in names for i, p in enumerate(PROMPTS)]
-    for req, out in zip(reqs, llm.generate(reqs), strict=True):
-        oracle = hf if req.adapter is None else merged(hf, ads[req.adapter])
-        assert out.token_ids == hf_greedy(oracle, req.prompt_token_ids or [], NEW), req.request_id
+    _generate_matches_oracles(llm, hf, ads, [None, "pe", "so"])
     ours = llm.prompt_logits(GenerateRequest("l", prompt_token_ids=PROMPTS[0], adapter="so"))
     ref = hf_logits(merged(hf, ads["so"]), PROMPTS[0])
     assert (ours - ref).abs().max().item() / ref.abs().max().item() < 1e-4
@@ -84,12 +88,7 @@ def test_triton_backend_lora_k_step_matches_merged_oracle(tmp_path: Path, monkey
               max_model_len=32, max_lora_rank=8, max_num_batched_tokens=8, enforce_eager=True)
     for names, want_k in (([None, "a", "b"], True), (["so", "a"], False)):
         k_steps.clear()
-        reqs = [GenerateRequest(f"{a}-{i}", prompt_token_ids=p, adapter=a,
-                                sampling=SamplingParams(max_tokens=NEW, ignore_eos=True))
-                for a in names for i, p in enumerate(PROMPTS)]
-        for req, out in zip(reqs, llm.generate(reqs), strict=True):
-            oracle = hf if req.adapter is None else merged(hf, ads[req.adapter])
-            assert out.token_ids == hf_greedy(oracle, req.prompt_token_ids or [], NEW), req.request_id
+        _generate_matches_oracles(llm, hf, ads, names)
         assert k_steps and (any(k_steps) if want_k else not all(k_steps)), (names, k_steps)
     ours = llm.prompt_logits(GenerateRequest("l", prompt_token_ids=PROMPTS[0], adapter="b"))
     ref = hf_logits(merged(hf, ads["b"]), PROMPTS[0])
@@ -123,11 +122,6 @@ def test_triton_backend_segment_schedule_matches_merged_oracle(tmp_path: Path, m
               max_model_len=32, max_lora_rank=8, max_num_batched_tokens=16, enforce_eager=True)
     for names, want_seg in (([None, "a", "b", "c"], True), (["so", "a"], False)):
         seen.clear()
-        reqs = [GenerateRequest(f"{a}-{i}", prompt_token_ids=p, adapter=a,
-                                sampling=SamplingParams(max_tokens=NEW, ignore_eos=True))
-                for a in names for i, p in enumerate(PROMPTS)]
-        for req, out in zip(reqs, llm.generate(reqs), strict=True):
-            oracle = hf if req.adapter is None else merged(hf, ads[req.adapter])
-            assert out.token_ids == hf_greedy(oracle, req.prompt_token_ids or [], NEW), req.request_id
+        _generate_matches_oracles(llm, hf, ads, names)
         assert seen and any(m for _, m in seen) == want_seg, (names, seen)
         assert max(a or 0 for a, _ in seen) == len([n for n in names if n]), seen  # the step's adapters

@@ -13,7 +13,7 @@ from test_moe_lora import _slots, make_lora
 from lorax.kernels import fused_moe as fm
 from lorax.kernels import moe_config as mc
 from lorax.kernels.fused_moe import fused_moe, fused_moe_scratch_bytes
-from lorax.kernels.moe_align import interpreting, virtual_expert_ids_ref
+from lorax.kernels.moe_align import virtual_expert_ids_ref
 from lorax.kernels.moe_lora import MoELoraArgs, lora_block_r
 from lorax.kernels.moe_lora_seg import (
     moe_lora_seg_down_expand,
@@ -37,11 +37,6 @@ CASES = [
     ("rank 32", 11, 3, 2, [32, 5], "mixed", 0, 3, 16),
     ("20 slots", 19, 2, 2, [[1, 16, 4, None, 8][s % 5] for s in range(20)], "mixed", -1, 3, 16),
 ]
-
-
-def _kw(dtype: torch.dtype) -> dict:
-    cast = interpreting()
-    return dict(cast_fp32=cast, dot_prec="ieee" if dtype == torch.float32 else "tf32")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -101,7 +96,7 @@ def test_seg_shrink_matches_ref(device: str, dtype: torch.dtype) -> None:
     N, br = ids.numel(), lora_block_r(lora.gate_up_A.shape[2] // 2)
     got = torch.full((N, 2 * br), 7.0, device=device)
     ref = torch.full((N, 2 * br), 7.0, device=device)
-    moe_lora_seg_shrink(x, lora, valign, ids.shape[1], got, **_kw(dtype))
+    moe_lora_seg_shrink(x, lora, valign, ids.shape[1], got)
     moe_lora_seg_shrink_ref(x, lora, ids, ref)
     assert_close(got[has], ref[has], dtype)
     assert torch.equal(got[~has], ref[~has])  # rows without a virtual expert untouched
@@ -118,7 +113,7 @@ def test_seg_expand_matches_ref(device: str, dtype: torch.dtype, i_split: int) -
     z = torch.randn(N, 2 * br, device=device)
     got_a, ref_a = torch.zeros(N, I, dtype=dtype, device=device), torch.zeros(N, I, dtype=dtype, device=device)
     got_d, ref_d = torch.zeros(N, i_split, br, device=device), torch.zeros(N, br, device=device)
-    moe_lora_seg_expand(h, z, lora, valign, got_a, got_d, block_i=16, **_kw(dtype))
+    moe_lora_seg_expand(h, z, lora, valign, got_a, got_d, block_i=16)
     moe_lora_seg_expand_ref(h, z, lora, ids, ref_a, ref_d)
     assert_close(got_a[has], ref_a[has].float(), dtype)
     assert_close(got_d.sum(1)[has], ref_d[has], dtype)
@@ -138,7 +133,7 @@ def test_seg_down_expand_matches_ref(device: str, dtype: torch.dtype, i_split: i
     y0 = torch.randn(N, H, device=device).to(dtype)
     zd = torch.randn(N, i_split, br, device=device)
     got, ref = y0.clone(), y0.clone()
-    moe_lora_seg_down_expand(got, zd, w, lora, valign, block_h=16, **_kw(dtype))
+    moe_lora_seg_down_expand(got, zd, w, lora, valign, block_h=16)
     moe_lora_seg_down_expand_ref(ref, zd.sum(1), w, lora, ids)
     assert_close(got.float(), ref.float(), dtype)
     assert torch.equal(got[~has], y0[~has])
