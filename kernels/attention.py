@@ -16,7 +16,9 @@ block * block_size + offset. Contracts of the Triton kernels and the references:
     in the cache) are the general case.
     Keyword hints both backends accept (the reference ignores all but `out`): max_query_len (host
     bound; 1 = decode kernel), max_context_len, num_splits, out (preallocated [T, n_h, D]; rows of no
-    sequence are left as they are), workspace (split-K decode scratch). See `paged_attention`.
+    sequence are left as they are), workspace (split-K decode scratch), k_new / v_new (this step's keys
+    and values [T, n_kv, D] beside their query rows, as stored in the cache: the prefill kernel reads
+    them there instead of through the block table). See `paged_attention`.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def paged_attention_ref(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference (host-synchronising). The keyword arguments are the Triton path's hints, accepted so
     that layers call either backend the same way; `out` is honoured (rows of no sequence untouched)."""
@@ -186,6 +190,39 @@ def _check_attention(q, k_cache, v_cache, block_tables, context_lens, query_star
             raise ValueError(f"paged_attention: {name} must be int32 {shape}, got {t.dtype} {tuple(t.shape)}")
 
 
+def _check_new_kv(k_new: torch.Tensor | None, v_new: torch.Tensor | None, q: torch.Tensor, n_kv: int) -> bool:
+    """Whether this step's keys come in k_new / v_new (both or neither, shaped and typed as the kernel reads them)."""
+    if k_new is None and v_new is None:
+        return False
+    want = (q.shape[0], n_kv, q.shape[2])
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t is None or tuple(t.shape) != want or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"paged_attention: k_new and v_new must both be {want} {q.dtype} on {q.device}, got "
+                             f"{name} {None if t is None else (tuple(t.shape), t.dtype, t.device)}")
+    assert k_new is not None and v_new is not None
+    if k_new.stride(2) != v_new.stride(2):
+        raise ValueError(f"paged_attention: k_new and v_new need one stride along D, got {k_new.stride(2)} and "
+                         f"{v_new.stride(2)}")
+    return True
+
+
+def new_kv_from_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, query_start_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k_new, v_new) [T, n_kv, D]: each query row's own key and value, gathered from the cache (host-synchronising;
+    for benchmarks and tests; the engine has them from its qkv projection)."""
+    bs = k_cache.shape[1]
+    starts = query_start_loc.tolist()
+    T = starts[-1]
+    rows = torch.zeros(T, dtype=torch.long)
+    for b, ctx in enumerate(context_lens.tolist()):
+        q0, q1 = starts[b], starts[b + 1]
+        pos = torch.arange(ctx - (q1 - q0), ctx)
+        rows[q0:q1] = block_tables[b].cpu().long()[pos // bs] * bs + pos % bs
+    rows = rows.to(k_cache.device)
+    flat = (k_cache.shape[0] * bs, *k_cache.shape[2:])
+    return k_cache.reshape(flat)[rows].to(k_cache.dtype), v_cache.reshape(flat)[rows].to(v_cache.dtype)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -200,6 +237,8 @@ def paged_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Triton `paged_attention` (contract at the top of this file).
@@ -212,6 +251,12 @@ def paged_attention(
     out: [T, n_h, D] output buffer; rows outside every sequence are not written (a fresh output is
         zero-filled, so they read 0 as in the reference).
     workspace: fp32 buffer of >= decode_workspace_size(B, n_h, D, splits) elements for split decode.
+    k_new, v_new: [T, n_kv, D] in q's dtype, unit stride along D (any row / head strides): row i holds the key
+        and value of query row i's token, the values the cache holds for it (the engine passes rope_store's
+        rotated k and the qkv output's v). The prefill kernel then reads this step's keys from them, a plain
+        causal attention over the sequence's new rows, and only the earlier (cached) keys through the block
+        table (measured tiles: attention.json's "prefill_kv_*" entries, else BLOCK_M 64 x BLOCK_N 64, 4 warps,
+        3 stages). Ignored by the decode kernel (one key per sequence).
     config: block sizes overriding the defaults (BLOCK_M, BLOCK_N, num_warps, num_stages); without it,
         a measured entry of kernels/configs/attention.json for this GPU and head shape is used.
     """
@@ -234,17 +279,22 @@ def paged_attention(
         block_tables.stride(0),
     )
     if max_query_len != 1:
+        new_kv = _check_new_kv(k_new, v_new, q, n_kv)
+        kn, vn = (k_new, v_new) if k_new is not None and v_new is not None else (q, q)
+        new_strides = (kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1), kn.stride(2)) if new_kv else (0,) * 5
         bound = T if max_query_len is None else min(int(max_query_len), T)
-        tuned = tuned_config("attention.json", q.device, f"prefill_D{D}_G{group}", bound) if config is None else {}
+        # the two paths keep their own measured tables (their registers and best tiles differ)
+        key = f"prefill_{'kv_' if new_kv else ''}D{D}_G{group}"
+        tuned = tuned_config("attention.json", q.device, key, bound) if config is None else {}
         cfg = {"BLOCK_M": 16 if bound <= 16 or cast else 64, "BLOCK_N": 16 if cast else 64,
                "num_warps": 4, "num_stages": 1 if cast else 3, **tuned, **(config or {})}
         block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
         _prefill_kernel[(B, n_h, triton.cdiv(bound, block_m))](
-            q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc,
+            q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc, kn, vn,
             qk_scale, bs, group, D,
             q.stride(0), q.stride(1), q.stride(2),
-            *common_strides,
-            CAST_FP32=cast, DOT_PREC=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            *common_strides, *new_strides,
+            NEW_KV=new_kv, CAST_FP32=cast, DOT_PREC=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             EVEN_D=block_d == D, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         return out

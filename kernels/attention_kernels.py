@@ -45,32 +45,40 @@ def _store_kv_kernel(
 
 
 @triton.jit
-def _attend_step(q, acc, m_i, l_i, n0, q_pos, kv_end, k_cache_ptr, v_cache_ptr, table_row, kv_head_off, offs_d,
-                 mask_d, qk_scale, block_size, stride_cb, stride_co, stride_cd,
-                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr):
-    """One BLOCK_N step of keys n0.. of the online softmax over the paged cache, for the query rows q (prefill:
-    positions of one head; decode: the heads of one KV head). MASKED: keys from kv_end on are masked, and with
-    CAUSAL those past each row's position q_pos too; without MASKED every key of the step is visible to every
-    row (no masks on the scores or the loads but past D)."""
+def _attend_step(q, acc, m_i, l_i, n0, q_pos, kv_end, k_base, v_base, head_off, table_row, offs_d, mask_d,
+                 qk_scale, block_size, stride_kb, stride_ko, stride_vo, stride_d,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, CAST_FP32: tl.constexpr,
+                 DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr):
+    """One BLOCK_N step of keys n0.. of the online softmax, for the query rows q (prefill: positions of one head;
+    decode: the heads of one KV head). PAGED: k_base / v_base are the caches, key n of this KV head (offset
+    head_off) sits in block table_row[n // block_size] (block stride stride_kb, row stride stride_ko for both
+    caches); else they are a contiguous run of rows of this sequence at this KV head (key n at row n, row strides
+    stride_ko / stride_vo; head_off unused). MASKED: keys
+    from kv_end on are masked, and with CAUSAL those past each row's position q_pos too; without MASKED every key
+    of the step is visible to every row (no masks on the scores or the loads but past D)."""
     k_pos = n0 + tl.arange(0, BLOCK_N)
     mask_n = k_pos < kv_end
-    k_ptrs = k_cache_ptr + offs_d[:, None] * stride_cd  # [BLOCK_D, BLOCK_N] after the row offsets below
-    v_ptrs = v_cache_ptr + offs_d[None, :] * stride_cd  # [BLOCK_N, BLOCK_D]
-    if MASKED:
-        blk = tl.load(table_row + k_pos // block_size, mask=mask_n, other=0).to(tl.int64)
-        cache_off = blk * stride_cb + (k_pos % block_size) * stride_co + kv_head_off  # [BLOCK_N]
-        kt = tl.load(k_ptrs + cache_off[None, :], mask=mask_n[None, :] & mask_d[:, None], other=0.0)
-        vb = tl.load(v_ptrs + cache_off[:, None], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    else:  # every key of the step is in the context: masks only past D
-        blk = tl.load(table_row + k_pos // block_size).to(tl.int64)
-        cache_off = blk * stride_cb + (k_pos % block_size) * stride_co + kv_head_off
-        if EVEN_D:
-            kt = tl.load(k_ptrs + cache_off[None, :])
-            vb = tl.load(v_ptrs + cache_off[:, None])
+    k_ptrs = k_base + offs_d[:, None] * stride_d  # [BLOCK_D, BLOCK_N] after the row offsets below
+    v_ptrs = v_base + offs_d[None, :] * stride_d  # [BLOCK_N, BLOCK_D]
+    if PAGED:
+        if MASKED:
+            blk = tl.load(table_row + k_pos // block_size, mask=mask_n, other=0).to(tl.int64)
         else:
-            kt = tl.load(k_ptrs + cache_off[None, :], mask=mask_d[:, None], other=0.0)
-            vb = tl.load(v_ptrs + cache_off[:, None], mask=mask_d[None, :], other=0.0)
+            blk = tl.load(table_row + k_pos // block_size).to(tl.int64)
+        k_off = blk * stride_kb + (k_pos % block_size) * stride_ko + head_off  # [BLOCK_N]
+        v_off = k_off
+    else:
+        k_off = k_pos.to(tl.int64) * stride_ko
+        v_off = k_pos.to(tl.int64) * stride_vo
+    if MASKED:
+        kt = tl.load(k_ptrs + k_off[None, :], mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+        vb = tl.load(v_ptrs + v_off[:, None], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    elif EVEN_D:  # every key of the step is in the context: masks only past D
+        kt = tl.load(k_ptrs + k_off[None, :])
+        vb = tl.load(v_ptrs + v_off[:, None])
+    else:
+        kt = tl.load(k_ptrs + k_off[None, :], mask=mask_d[:, None], other=0.0)
+        vb = tl.load(v_ptrs + v_off[:, None], mask=mask_d[None, :], other=0.0)
     if CAST_FP32:
         kt = kt.to(tl.float32)
         vb = vb.to(tl.float32)
@@ -97,6 +105,7 @@ def _prefill_kernel(
     tables_ptr,  # [B, max_blocks] int32
     ctx_ptr,  # [B] int32 cached tokens including this step's
     qsl_ptr,  # [B + 1] int32 query_start_loc
+    knew_ptr, vnew_ptr,  # [T, n_kv, D] this step's keys / values, row i beside query row i (NEW_KV)
     # sizes
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     block_size,
@@ -107,7 +116,9 @@ def _prefill_kernel(
     stride_cb, stride_co, stride_ch, stride_cd,
     stride_ot, stride_oh, stride_od,
     stride_tb,
+    stride_knt, stride_knh, stride_vnt, stride_vnh, stride_nd,
     # meta
+    NEW_KV: tl.constexpr,  # this step's keys from knew / vnew, only the earlier ones through the block table
     CAST_FP32: tl.constexpr,
     DOT_PREC: tl.constexpr,  # \"ieee\" for fp32 inputs (no silent tf32), else \"tf32\" (unused by bf16/fp16)
     BLOCK_M: tl.constexpr,
@@ -144,18 +155,50 @@ def _prefill_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     kv_head_off = kvh.to(tl.int64) * stride_ch
     table_row = tables_ptr + b.to(tl.int64) * stride_tb
-    # keys [0, lo) precede every query row of the tile (no masks); [lo, hi) cross the diagonal, and keys past
-    # the tile's last query row are masked anyway, so the loop stops there
-    lo = (q_first + 1) // BLOCK_N * BLOCK_N
-    hi = tl.minimum(ctx, q_first + BLOCK_M)
-    for n0 in range(0, lo, BLOCK_N):
-        acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, table_row,
-                                     kv_head_off, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
-                                     stride_cd, False, False, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
-    for n0 in range(lo, hi, BLOCK_N):
-        acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, table_row,
-                                     kv_head_off, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
-                                     stride_cd, True, True, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
+    if NEW_KV:
+        # The cached prefix [0, ctx - q_len) precedes every query row: through the block table, unmasked but for
+        # a last partial step. This step's keys are the rows beside the queries: a causal attention of the
+        # sequence's new rows with itself, in their own index j (position ctx - q_len + j), no table.
+        prefix = ctx - q_len
+        full = prefix // BLOCK_N * BLOCK_N
+        for n0 in range(0, full, BLOCK_N):
+            acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, q_pos, prefix, k_cache_ptr, v_cache_ptr, kv_head_off,
+                                         table_row, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
+                                         stride_co, stride_cd,
+                                         False, False, True, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
+        for n0 in range(full, prefix, BLOCK_N):  # at most one step
+            acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, q_pos, prefix, k_cache_ptr, v_cache_ptr, kv_head_off,
+                                         table_row, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
+                                         stride_co, stride_cd,
+                                         True, False, True, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
+        k_new = knew_ptr + q0.to(tl.int64) * stride_knt + kvh * stride_knh
+        v_new = vnew_ptr + q0.to(tl.int64) * stride_vnt + kvh * stride_vnh
+        i_first = pid_m * BLOCK_M
+        lo = (i_first + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(q_len, i_first + BLOCK_M)
+        for n0 in range(0, lo, BLOCK_N):
+            acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, offs_m, q_len, k_new, v_new, 0, table_row, offs_d,
+                                         mask_d, qk_scale, block_size, 0, stride_knt, stride_vnt, stride_nd,
+                                         False, False, False, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
+        for n0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, offs_m, q_len, k_new, v_new, 0, table_row, offs_d,
+                                         mask_d, qk_scale, block_size, 0, stride_knt, stride_vnt, stride_nd,
+                                         True, True, False, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
+    else:
+        # keys [0, lo) precede every query row of the tile (no masks); [lo, hi) cross the diagonal, and keys past
+        # the tile's last query row are masked anyway, so the loop stops there
+        lo = (q_first + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(ctx, q_first + BLOCK_M)
+        for n0 in range(0, lo, BLOCK_N):
+            acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, kv_head_off,
+                                         table_row, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
+                                         stride_co, stride_cd,
+                                         False, False, True, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
+        for n0 in range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, q_pos, ctx, k_cache_ptr, v_cache_ptr, kv_head_off,
+                                         table_row, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
+                                         stride_co, stride_cd,
+                                         True, True, True, CAST_FP32, DOT_PREC, BLOCK_N, EVEN_D)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # ctx 0: no keys, output 0 like the reference
     o = acc / l_safe[:, None]
@@ -225,9 +268,9 @@ def _decode_kernel(
     end = tl.minimum(ctx, start + partition)
     # the decode query is the last position: every key of this split below ctx is visible (no causal mask)
     for n0 in range(start, end, BLOCK_N):
-        acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, None, end, k_cache_ptr, v_cache_ptr, table_row,
-                                     kv_head_off, offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co,
-                                     stride_cd, True, False, CAST_FP32, DOT_PREC, BLOCK_N, False)
+        acc, m_i, l_i = _attend_step(q, acc, m_i, l_i, n0, None, end, k_cache_ptr, v_cache_ptr, kv_head_off, table_row,
+                                     offs_d, mask_d, qk_scale, block_size, stride_cb, stride_co, stride_co, stride_cd,
+                                     True, False, True, CAST_FP32, DOT_PREC, BLOCK_N, False)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if SPLIT:

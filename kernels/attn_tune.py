@@ -2,12 +2,13 @@
 
     python -m lorax.kernels.attn_tune --out-dir DIR [--heads 32 --kv-heads 4 --head-dim 128]
 
-writes DIR/attention.json ({GPU name: {"prefill_D{D}_G{G}": {bound: config}, "decode_D{D}_G{G}": {batch: config}}},
+writes DIR/attention.json ({GPU name: {"prefill_kv_D{D}_G{G}": {bound: config}, "decode_D{D}_G{G}": {batch: config}}},
 the layout of kernels/configs/attention.json, whose entries it is meant to be merged into by hand) and
 DIR/attn_tune_report.json (every config's time on every workload).
 
 Each prefill bucket (the launch's max_query_len bound) is decided by the summed time of a few workloads of that
-size, among them a chunk after a cached prefix, since a tile that wins on fresh prompts can lose badly there
+size, run as the engine runs them (this step's keys from k_new / v_new, the prefix through the block table),
+among them a chunk after a cached prefix, since a tile that wins on fresh prompts can lose badly there
 (BLOCK_N 32 at 512 rows: 92.6 against 103.8 us on 8 fresh prompts, 89.5 against 77.5 after 2048 cached keys, on
 an H100). Decode buckets are batch sizes at 1024 cached keys, with the launcher's own split count. A config is
 kept only if its output matches the launcher's default config's (and, on small workloads, the reference's).
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from lorax.kernels.attention import paged_attention, paged_attention_ref
+from lorax.kernels.attention import new_kv_from_cache, paged_attention, paged_attention_ref
 from lorax.kernels.bench_support import _rel_err, _time
 
 # bucket -> workloads (cached keys per sequence, new query rows per sequence, sequences)
@@ -65,8 +66,10 @@ def _sweep(workloads: list[tuple[int, int, int]], grid: list[dict[str, int]], de
     config's times (ms per workload; the key "default" is the launcher's own pick)."""
     n_h, n_kv, D, bs = shape
     sets = [_inputs(c, q, s, n_h, n_kv, D, bs, torch.bfloat16, device) for c, q, s in workloads]
-    runs = [partial(paged_attention, *args, D**-0.5, max_query_len=1 if decode else q_len)
-            for (_, q_len, _), args in zip(workloads, sets, strict=True)]
+    # prefill as the engine calls it: this step's keys and values beside their queries (k_new / v_new)
+    new = [{} if decode else dict(zip(("k_new", "v_new"), new_kv_from_cache(*args[1:]), strict=True)) for args in sets]
+    runs = [partial(paged_attention, *args, D**-0.5, max_query_len=1 if decode else q_len, **kv)
+            for (_, q_len, _), args, kv in zip(workloads, sets, new, strict=True)]
     defaults = [run() for run in runs]  # the launcher's own config: what every other config must reproduce
     for (_, q_len, seqs), args, want in zip(workloads, sets, defaults, strict=True):
         if seqs * q_len <= REF_ROWS and _rel_err(want, paged_attention_ref(*args, D**-0.5)) > 2e-2:
@@ -100,7 +103,7 @@ def tune(shape: tuple[int, int, int, int], device: torch.device, log: Any = prin
     n_h, n_kv, D, _ = shape
     table: dict[str, dict] = {}
     report: dict[str, Any] = {}
-    p_key, d_key = f"prefill_D{D}_G{n_h // n_kv}", f"decode_D{D}_G{n_h // n_kv}"
+    p_key, d_key = f"prefill_kv_D{D}_G{n_h // n_kv}", f"decode_D{D}_G{n_h // n_kv}"  # prefill: the k_new path
     for bucket, wls in (prefill if prefill is not None else PREFILL_WORKLOADS).items():
         log(f"{p_key} bound {bucket}: workloads (cached, rows, sequences) {wls}")
         cfg, times = _sweep(wls, prefill_grid or PREFILL_GRID, False, shape, device, log)

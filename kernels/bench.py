@@ -23,7 +23,13 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from lorax.kernels.attention import paged_attention, paged_attention_ref, store_kv, store_kv_ref
+from lorax.kernels.attention import (
+    new_kv_from_cache,
+    paged_attention,
+    paged_attention_ref,
+    store_kv,
+    store_kv_ref,
+)
 from lorax.kernels.bench_support import (
     _rel_err,
     _rotations,
@@ -294,19 +300,25 @@ def bench_attention(wl: Workload, T: int, device: torch.device, bw: float, peak:
     rows.append(row)
     del kc, vc
 
-    # prefill: one sequence of T new tokens, causal
+    # prefill: one sequence of T new tokens, causal, as the engine runs it (its keys from k_new / v_new); and the
+    # same through the block table alone (what a chunk's cached prefix takes)
     kc, vc, tables = paged_caches(wl, [T], 1, device)
     ctx = torch.tensor([T], dtype=torch.int32, device=device)
     qsl = torch.tensor([0, T], dtype=torch.int32, device=device)
-    got = paged_attention(q, kc, vc, tables[0], ctx, qsl, scale, max_query_len=T)
+    k_new, v_new = new_kv_from_cache(kc, vc, tables[0], ctx, qsl)
     ref = paged_attention_ref(q, kc, vc, tables[0], ctx, qsl, scale)
-    row = BenchRow("attn_prefill", T,
-                   _time([lambda: paged_attention(q, kc, vc, tables[0], ctx, qsl, scale, max_query_len=T, out=out)],
-                         device, graph=True),
-                   ref_ms=_time_slow(lambda: paged_attention_ref(q, kc, vc, tables[0], ctx, qsl, scale), device),
-                   ref_name="paged_attention_ref", rel_err=_rel_err(got, ref),
-                   bytes=2 * T * n_kv * D * el + 2 * T * n_h * D * el, flops=2 * T * (T + 1) * n_h * D,
-                   note="one sequence, no prefix")
+    ref_ms = _time_slow(lambda: paged_attention_ref(q, kc, vc, tables[0], ctx, qsl, scale), device)
+    pre_bytes, pre_flops = 2 * T * n_kv * D * el + 2 * T * n_h * D * el, 2 * T * (T + 1) * n_h * D
+    for name, kv, note in (("attn_prefill", dict(k_new=k_new, v_new=v_new), "one sequence, no prefix"),
+                           ("attn_prefill_paged", {}, "the same, every key through the block table")):
+        got = paged_attention(q, kc, vc, tables[0], ctx, qsl, scale, max_query_len=T, **kv)
+        row = BenchRow(name, T,
+                       _time([lambda kv=kv: paged_attention(q, kc, vc, tables[0], ctx, qsl, scale, max_query_len=T,
+                                                            out=out, **kv)], device, graph=True),
+                       ref_ms=ref_ms, ref_name="paged_attention_ref", rel_err=_rel_err(got, ref),
+                       bytes=pre_bytes, flops=pre_flops, note=note)
+        rows.append(row)
+    row = rows[-2]
     if device.type == "cuda":
         try:
             qs = q.transpose(0, 1).unsqueeze(0)
@@ -317,7 +329,6 @@ def bench_attention(wl: Workload, T: int, device: torch.device, bw: float, peak:
             row.fast_name = "SDPA causal, dense"
         except Exception as err:
             row.fast_name = f"SDPA failed: {type(err).__name__}"
-    rows.append(row)
     for r in rows:
         r.roofline_ms = roofline_ms(r.bytes, r.flops, bw, peak)
     return rows

@@ -205,17 +205,24 @@ def _drive_attention() -> None:
 
     table = [(key, cfg) for by_shape in _config_file("attention.json").values() if isinstance(by_shape, dict)
              for key, by_bucket in by_shape.items() for cfg in by_bucket.values()]
-    tuned = [cfg for key, cfg in table if key.startswith("prefill")]
+    tuned = [cfg for key, cfg in table if key.startswith("prefill_D")]
+    tuned_kv = [cfg for key, cfg in table if key.startswith("prefill_kv_")]  # the k_new path's own entries
     dec = [cfg for key, cfg in table if key.startswith("decode")]
     for D in (128, 24):
         q, kc = torch.empty(40, 32, D, dtype=torch.bfloat16), torch.empty(8, 16, 4, D, dtype=torch.bfloat16)
         tables, ctx = torch.zeros(2, 4, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
         qsl, qsl1 = torch.tensor([0, 20, 40], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)
+        kn = torch.empty(40, 4, D, dtype=torch.bfloat16)
         for cfg in [None] + (tuned if D == 128 else []):
             paged_attention(q, kc, kc, tables, ctx, qsl, 0.1, max_query_len=20, config=cfg)
+        for cfg in [None] + (tuned_kv if D == 128 else []):
+            paged_attention(q, kc, kc, tables, ctx, qsl, 0.1, max_query_len=20, config=cfg, k_new=kn, v_new=kn)
         for cfg in [None] + (dec if D == 128 else []):
             for splits in (1, 4):
                 paged_attention(q[:2], kc, kc, tables, ctx, qsl1, 0.1, max_query_len=1, num_splits=splits, config=cfg)
+
+
+SM90_SMEM = 232448  # the most shared memory one block may use on sm_90 (227 KB)
 
 
 def compile_check() -> int:
@@ -255,6 +262,11 @@ def compile_check() -> int:
         except Exception as exc:
             failures += 1
             print(f"FAIL {self.fn.__name__} {meta}: {type(exc).__name__}: {str(exc)[:3000]}", flush=True)
+            return None
+        if k.metadata.shared > SM90_SMEM:  # compiles, but no sm_90 launch can have that much shared memory
+            failures += 1
+            print(f"FAIL {self.fn.__name__} {meta}: {k.metadata.shared} bytes of shared memory > {SM90_SMEM}",
+                  flush=True)
             return None
         usage = "?"
         if os.path.exists(tool):

@@ -10,12 +10,14 @@ the model dtype wherever the references (and transformers) do.
     statistics in fp32, the normalised row rounded to x.dtype before the weight (transformers' RMSNorm).
 `add_rms_norm(x, residual, weight, eps)` -> (y, h):
     h = x + residual in x.dtype (the decoder's residual stream), y = rms_norm(h).
-`rope_store(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_norm=None, k_norm=None, eps=0.)`
-    -> q rotated [T, n_h, D]:
+`rope_store(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_norm=None, k_norm=None, eps=0.,
+           k_out=None)` -> q rotated [T, n_h, D]:
     q [T, n_h, D], k / v [T, n_kv, D] (views of the qkv output are fine: unit stride along D);
     q_norm / k_norm [D]: a per-head RMSNorm before rope (Qwen3), or None; neox rope (rotate_half) from the
     cos / sin caches [max_positions, D] in the model dtype; k rotated and v are written into the paged
-    caches [num_blocks, block_size, n_kv, D] at slot_mapping [T] int64 (-1: not stored, as `store_kv`).
+    caches [num_blocks, block_size, n_kv, D] at slot_mapping [T] int64 (-1: not stored, as `store_kv`);
+    k_out [T, n_kv, D] in the cache dtype, or None: each stored row's rotated k there as well (the prefill
+    attention's `k_new`).
 """
 
 from __future__ import annotations
@@ -58,12 +60,16 @@ def rope_store_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 0.0,
+    k_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if q_norm is not None and k_norm is not None:
         q, k = rms_norm_ref(q, q_norm, eps), rms_norm_ref(k, k_norm, eps)
     c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
     q, k = rope_ref(q, c, s), rope_ref(k, c, s)
     store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    if k_out is not None:
+        keep = slot_mapping >= 0
+        k_out[keep] = k[keep].to(k_cache.dtype).to(k_out.dtype)
     return q
 
 
@@ -122,8 +128,10 @@ def rope_store(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 0.0,
+    k_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton `rope_store`: one program per token (its q heads, then its k and v heads into the cache)."""
+    """Triton `rope_store`: one program per token (its q heads, then its k and v heads into the cache; with
+    k_out [T, n_kv, D] (unit stride along D), each stored row's rotated k there too)."""
     T, n_h, D = q.shape
     n_kv = k.shape[1]
     if k.shape != (T, n_kv, D) or v.shape != k.shape or D % 2:
@@ -142,17 +150,21 @@ def rope_store(
         raise ValueError(f"rope_store: positions and slot_mapping must be [T={T}] (slot_mapping int64)")
     if (q_norm is None) != (k_norm is None) or (q_norm is not None and q_norm.shape != (D,)):
         raise ValueError(f"rope_store: q_norm and k_norm are both [{D}] or both None")
+    if k_out is not None and (k_out.shape != k.shape or k_out.dtype != k_cache.dtype or k_out.stride(2) != 1):
+        raise ValueError(f"rope_store: k_out must be {tuple(k.shape)} {k_cache.dtype} with a unit stride along D, "
+                         f"got {tuple(k_out.shape)} {k_out.dtype} strides {k_out.stride()}")
     out = torch.empty(T, n_h, D, dtype=q.dtype, device=q.device)
     if T:
         half = D // 2
         _rope_store_kernel[(T,)](
             q, k, v, positions, cos, sin, q_norm if q_norm is not None else q, k_norm if k_norm is not None else q,
-            out, k_cache, v_cache, slot_mapping,
+            out, k_cache, v_cache, slot_mapping, k_out if k_out is not None else out,
             n_h, n_kv, eps, k_cache.shape[1],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            *((k_out.stride(0), k_out.stride(1)) if k_out is not None else (0, 0)),
             HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_QH=triton.next_power_of_2(n_h),
-            BLOCK_KH=triton.next_power_of_2(n_kv), HAS_NORM=q_norm is not None, num_warps=4,
+            BLOCK_KH=triton.next_power_of_2(n_kv), HAS_NORM=q_norm is not None, K_OUT=k_out is not None, num_warps=4,
             enable_fp_fusion=False,  # (a fused multiply-add would skip the roundings the reference takes)
         )
     return out

@@ -73,11 +73,12 @@ def _rope_store_kernel(
     q_out_ptr,  # [T, n_h, D] out, contiguous
     k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, n_kv, D], same strides
     slot_ptr,  # [T] int64, -1 = not stored
+    k_out_ptr,  # [T, n_kv, D] the stored (rotated) k as well, for rows with a slot (K_OUT)
     n_h, n_kv, eps, block_size,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
-    stride_cb, stride_co, stride_ch,
+    stride_cb, stride_co, stride_ch, stride_kot, stride_koh,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-    HAS_NORM: tl.constexpr,
+    HAS_NORM: tl.constexpr, K_OUT: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     DT: tl.constexpr = q_out_ptr.dtype.element_ty
@@ -104,6 +105,10 @@ def _rope_store_kernel(
         CT: tl.constexpr = k_cache_ptr.dtype.element_ty
         tl.store(k_cache_ptr + dst + offs_d[None, :], k1.to(DT).to(CT), mask=mk)
         tl.store(k_cache_ptr + dst + HALF + offs_d[None, :], k2.to(DT).to(CT), mask=mk)
+        if K_OUT:
+            ko = k_out_ptr + t * stride_kot + offs_h[:, None] * stride_koh + offs_d[None, :]
+            tl.store(ko, k1.to(DT).to(CT), mask=mk)
+            tl.store(ko + HALF, k2.to(DT).to(CT), mask=mk)
         pv = v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
         tl.store(v_cache_ptr + dst + offs_d[None, :], tl.load(pv, mask=mk).to(CT), mask=mk)
         tl.store(v_cache_ptr + dst + HALF + offs_d[None, :], tl.load(pv + HALF, mask=mk).to(CT), mask=mk)

@@ -8,9 +8,9 @@ and takes keyword-only hints and preallocated buffers that a CUDA-graph runner p
                                                                               kernels/lora_sgemm.py
     store_kv(k, v, k_cache, v_cache, slot_mapping)                           kernels/attention.py
     paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale, *,
-                    max_query_len, max_context_len, num_splits, out, workspace)
+                    max_query_len, max_context_len, num_splits, out, workspace, k_new, v_new)
     rms_norm(x, weight, eps), add_rms_norm(x, residual, weight, eps),
-    rope_store(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_norm, k_norm, eps)
+    rope_store(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, q_norm, k_norm, eps, k_out)
                                                                               kernels/norm_rope.py
     router_topk(logits, top_k, renormalize, round_weights)                    kernels/moe_router.py
 

@@ -59,7 +59,7 @@ def test_cpu_smoke_run_writes_json(tmp_path, capsys):
     report = json.loads(path.read_text())
     kernels = {(r["kernel"], r["tokens"]) for r in report["rows"]}
     expected = {"qkv_base", "qkv_lora", "qkv_base+lora", "qkv_base+lora_apart", "lora_batch_build", "store_kv",
-                "attn_decode", "attn_prefill"}
+                "attn_decode", "attn_prefill", "attn_prefill_paged"}
     assert kernels == {(k, t) for k in expected for t in (1, 3)}
     for r in report["rows"]:
         assert r["ours_ms"] > 0

@@ -14,6 +14,13 @@ from lorax.kernels.registry import KernelOps
 
 
 class Attention(nn.Module):
+    # Prefill steps hand the attention this step's keys and values beside their queries (rope_store keeps the
+    # rotated k, v is the qkv output), so that only a cached prefix goes through the block table
+    # (`paged_attention(k_new=, v_new=)`). Off until the path has run and been tuned on a GPU: its kernel and
+    # tests are in place and pass on the CPU interpreter; a scratch kernel of the same loads measured 85.0 us
+    # against 139.5 us for one 2048-token sequence on an H100 (docs/BENCHMARKS.md, "Attention").
+    prefill_new_kv = False
+
     def __init__(
         self, cfg: ModelConfig, rope: RotaryEmbedding, ops: KernelOps, dtype: torch.dtype, device: torch.device
     ) -> None:
@@ -60,11 +67,16 @@ class Attention(nn.Module):
             c = self.cfg.clip_qkv
             q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not attached"
+        # Prefill: the attention reads this step's keys beside their queries (rotated k kept by rope_store, v
+        # from the qkv output) and only the cached prefix through the block table. Decode reads the cache.
+        k_new = None
+        if self.prefill_new_kv and ctx.max_query_len > 1 and self.k_cache.dtype == x.dtype:
+            k_new = torch.empty(T, self.n_kv, self.head_dim, dtype=x.dtype, device=x.device)
         # q/k per-head norm (Qwen3), rope, and k / v into the paged cache: one launch
         q = self.ops.rope_store(q, k, v, ctx.positions, self.rope.cos, self.rope.sin, self.k_cache, self.v_cache,
-                                ctx.slot_mapping, qw, kw, self.cfg.rms_norm_eps)
+                                ctx.slot_mapping, qw, kw, self.cfg.rms_norm_eps, k_new)
         out = self.ops.paged_attention(
             q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, ctx.query_start_loc, self.scale,
-            max_query_len=ctx.max_query_len,
+            max_query_len=ctx.max_query_len, k_new=k_new, v_new=None if k_new is None else v,
         )
         return self.o(out.reshape(T, self.cfg.q_size))

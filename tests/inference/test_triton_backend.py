@@ -125,3 +125,27 @@ def test_triton_backend_segment_schedule_matches_merged_oracle(tmp_path: Path, m
         _generate_matches_oracles(llm, hf, ads, names)
         assert seen and any(m for _, m in seen) == want_seg, (names, seen)
         assert max(a or 0 for a, _ in seen) == len([n for n in names if n]), seen  # the step's adapters
+
+
+def test_triton_backend_prefill_new_kv_matches_merged_oracles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill attention reading each step's keys beside their queries (rope_store's k_out, the qkv output's v)
+    and only the cached prefix through the block table: chunks of 4 tokens, so most steps have a prefix."""
+    from lorax.inference.layers.attention import Attention
+    from lorax.kernels import attention as attn
+
+    monkeypatch.setattr(Attention, "prefill_new_kv", True)
+    base_check = attn._check_new_kv
+    taken: list[bool] = []
+
+    def spy(*args, **kw):  # type: ignore[no-untyped-def]
+        taken.append(base_check(*args, **kw))
+        return taken[-1]
+
+    monkeypatch.setattr(attn, "_check_new_kv", spy)
+    hf = build_hf("qwen3_moe")
+    path = save(hf, tmp_path / "m")
+    ads = {"pe": random_adapter(hf, "pe", rank=4, seed=1)}
+    llm = LLM(str(path), adapters=ads, device=DEVICE, dtype="float32", kernel_backend="triton",
+              max_model_len=32, max_lora_rank=8, max_num_batched_tokens=4, enforce_eager=True)
+    _generate_matches_oracles(llm, hf, ads, [None, "pe"])
+    assert taken and all(taken)  # every prefill launch took the k_new path

@@ -8,7 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorax.kernels.attention import paged_attention, paged_attention_ref, store_kv, store_kv_ref
+from lorax.kernels.attention import (
+    new_kv_from_cache,
+    paged_attention,
+    paged_attention_ref,
+    store_kv,
+    store_kv_ref,
+)
 
 TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -53,6 +59,64 @@ def test_prefill_matches_ref(ctx_lens, q_lens, n_h, n_kv, D, bs, pass_bound, dev
     expect = paged_attention_ref(q, kc, vc, tables, ctx, qsl, scale)
     got = paged_attention(q, kc, vc, tables, ctx, qsl, scale, max_query_len=max(q_lens) if pass_bound else None)
     torch.testing.assert_close(got, expect, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("ctx_lens,q_lens,n_h,n_kv,D,bs,pass_bound", PREFILL_CASES)
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_prefill_new_kv_matches_ref(ctx_lens, q_lens, n_h, n_kv, D, bs, pass_bound, block_n, device):
+    # This step's keys read beside the queries (k_new / v_new) and the prefix through the table: the same
+    # answer. Prefixes of 0, 15, 16, 4, 5 and 29 keys: aligned to BLOCK_N, a partial last step, none.
+    q, kc, vc, tables, ctx, qsl = _setup(ctx_lens, q_lens, n_h, n_kv, D, bs, torch.float32, device)
+    scale = D**-0.5
+    expect = paged_attention_ref(q, kc, vc, tables, ctx, qsl, scale)
+    k_new, v_new = new_kv_from_cache(kc, vc, tables, ctx, qsl)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
+    got = paged_attention(q, kc, vc, tables, ctx, qsl, scale, max_query_len=max(q_lens) if pass_bound else None,
+                          k_new=k_new, v_new=v_new, config=cfg)
+    torch.testing.assert_close(got, expect, atol=2e-4, rtol=2e-4)
+
+
+def test_prefill_new_kv_reads_new_rows_there(device):
+    # The step's own keys come from k_new / v_new and only the prefix from the cache: garbage in the cache's
+    # new rows changes nothing, while a changed k_new row or a changed prefix row changes the answer.
+    ctx_lens, q_lens, n_h, n_kv, D, bs = [29, 11], [13, 11], 4, 2, 16, 4
+    q, kc, vc, tables, ctx, qsl = _setup(ctx_lens, q_lens, n_h, n_kv, D, bs, torch.float32, device)
+    k_new, v_new = new_kv_from_cache(kc, vc, tables, ctx, qsl)
+    v_strided = torch.randn(k_new.shape[0], n_kv + 3, D, device=device)[:, 1 : n_kv + 1]  # a view, as in the engine
+    v_strided.copy_(v_new)
+    run = lambda kc_, vc_, kn, vn: paged_attention(q, kc_, vc_, tables, ctx, qsl, 0.25, max_query_len=13,
+                                                   k_new=kn, v_new=vn)
+    base = run(kc, vc, k_new, v_strided)
+    torch.testing.assert_close(base, paged_attention_ref(q, kc, vc, tables, ctx, qsl, 0.25), atol=2e-4, rtol=2e-4)
+    junk_k, junk_v = kc.clone(), vc.clone()
+    flat_k = junk_k.view(-1, n_kv, D)
+    flat_v = junk_v.view(-1, n_kv, D)
+    for b, (c, n) in enumerate(zip(ctx_lens, q_lens, strict=True)):
+        for p in range(c - n, c):
+            row = int(tables[b, p // bs]) * bs + p % bs
+            flat_k[row] = 1e3
+            flat_v[row] = -7.0
+    assert torch.equal(run(junk_k, junk_v, k_new, v_strided), base)
+    k_bad = k_new.clone()
+    k_bad[20] += 3.0  # sequence 1's new row 7: changes its rows 7.. only
+    moved = (run(kc, vc, k_bad, v_strided) - base).abs().amax(dim=(1, 2))
+    assert moved[20:].min() > 0 and moved[:20].max() == 0
+    kc_bad = kc.clone()
+    kc_bad[int(tables[0, 0]), 0] += 3.0  # sequence 0's cached key 0: every row of sequence 0
+    moved = (run(kc_bad, vc, k_new, v_strided) - base).abs().amax(dim=(1, 2))
+    assert moved[:13].min() > 0 and moved[13:].max() == 0
+
+
+def test_prefill_new_kv_rejects_bad_shapes(device):
+    q, kc, vc, tables, ctx, qsl = _setup([9], [5], 4, 2, 16, 4, torch.float32, device)
+    k_new, v_new = new_kv_from_cache(kc, vc, tables, ctx, qsl)
+    with pytest.raises(ValueError, match="k_new and v_new must both"):
+        paged_attention(q, kc, vc, tables, ctx, qsl, 0.25, k_new=k_new)
+    with pytest.raises(ValueError, match="k_new and v_new must both"):
+        paged_attention(q, kc, vc, tables, ctx, qsl, 0.25, k_new=k_new[:4], v_new=v_new[:4])
+    with pytest.raises(ValueError, match="one stride along D"):
+        paged_attention(q, kc, vc, tables, ctx, qsl, 0.25, k_new=k_new, v_new=v_new.transpose(1, 2).contiguous()
+                        .transpose(1, 2))
 
 
 # (context lens, query lens (0 or 1), n_h, n_kv, D, block_size, forced splits)

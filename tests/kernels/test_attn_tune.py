@@ -23,8 +23,8 @@ def _tune(device: str):  # type: ignore[no-untyped-def]
 
 def test_picks_the_least_summed_time_per_bucket(device: str) -> None:
     table, report = _tune(device)
-    assert set(table) == {"prefill_D16_G2", "decode_D16_G2"}
-    for kind, bucket, grid in (("prefill_D16_G2", "16", GRID), ("decode_D16_G2", "3", DGRID)):
+    assert set(table) == {"prefill_kv_D16_G2", "decode_D16_G2"}
+    for kind, bucket, grid in (("prefill_kv_D16_G2", "16", GRID), ("decode_D16_G2", "3", DGRID)):
         times = report[f"{kind} {bucket}"]
         assert set(times) == {"default", *(KEY(c) for c in grid)}  # every config ran on every workload
         assert all(len(t) == (2 if kind.startswith("prefill") else 1) and min(t) > 0 for t in times.values())
@@ -42,5 +42,5 @@ def test_a_config_with_a_wrong_result_is_dropped(device: str, monkeypatch: pytes
 
     monkeypatch.setattr(at, "paged_attention", wrong_for_one_config)
     table, report = _tune(device)
-    assert KEY(bad) not in report["prefill_D16_G2 16"]
-    assert table["prefill_D16_G2"]["16"] != bad and KEY(GRID[0]) in report["prefill_D16_G2 16"]
+    assert KEY(bad) not in report["prefill_kv_D16_G2 16"]
+    assert table["prefill_kv_D16_G2"]["16"] != bad and KEY(GRID[0]) in report["prefill_kv_D16_G2 16"]

@@ -116,6 +116,28 @@ def test_rope_store_matches_ref(T, n_h, n_kv, D, norm, dtype, device):
     _close(kc[stored], kc_ref[stored], dtype)
 
 
+@pytest.mark.parametrize("norm", [False, True])
+def test_rope_store_k_out_is_the_stored_k(norm, device):
+    # k_out (here a strided view) receives exactly what the cache receives for each stored row; rows at -1 keep
+    # whatever they held; q and the caches are as without k_out.
+    T, n_h, n_kv, D = 9, 4, 2, 16
+    q, k, v, pos, cos, sin, kc, vc, slots = _rope_case(T, n_h, n_kv, D, torch.float32, device)
+    w = (1 + 0.5 * torch.randn(2, D, device=device)) if norm else (None, None)
+    kc2, vc2 = kc.clone(), vc.clone()
+    plain = rope_store(q, k, v, pos, cos, sin, kc2, vc2, slots, w[0], w[1], 1e-6)
+    holder = torch.full((T, n_kv + 1, D), 5.0, device=device)
+    k_out = holder[:, 1:]
+    got = rope_store(q, k, v, pos, cos, sin, kc, vc, slots, w[0], w[1], 1e-6, k_out=k_out)
+    assert torch.equal(got, plain) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    keep = slots >= 0
+    assert 0 < int(keep.sum()) < T
+    assert torch.equal(k_out[keep], kc.view(-1, n_kv, D)[slots[keep]])
+    assert bool((k_out[~keep] == 5.0).all()) and bool((holder[:, 0] == 5.0).all())
+    ref_out = torch.full_like(k_out, 5.0)
+    rope_store_ref(q, k, v, pos, cos, sin, kc.clone(), vc.clone(), slots, w[0], w[1], 1e-6, k_out=ref_out)
+    _close(ref_out, k_out, torch.float32)
+
+
 def test_rope_store_rejects_bad_inputs(device):
     q, k, v, pos, cos, sin, kc, vc, slots = _rope_case(3, 4, 2, 16, torch.float32, device)
     with pytest.raises(ValueError, match="both"):
@@ -124,6 +146,8 @@ def test_rope_store_rejects_bad_inputs(device):
         rope_store(q, k, v, pos, cos, sin, kc, vc, slots.to(torch.int32))
     with pytest.raises(ValueError, match="caches"):
         rope_store(q, k, v, pos, cos, sin, kc[..., :8], vc[..., :8], slots)
+    with pytest.raises(ValueError, match="k_out"):
+        rope_store(q, k, v, pos, cos, sin, kc, vc, slots, k_out=k.transpose(1, 2).contiguous().transpose(1, 2))
 
 
 @pytest.mark.gpu

@@ -114,6 +114,7 @@ def test_no_host_sync_in_the_step_ops():
     w, logits = torch.ones(K, dtype=torch.bfloat16, device="cuda"), torch.randn(T, 16, device="cuda")
     cos = sin = torch.randn(128, D, dtype=torch.bfloat16, device="cuda")
     hw = torch.ones(D, dtype=torch.bfloat16, device="cuda")
+    k_new = torch.empty_like(kv)
 
     def step() -> None:  # every op a decoder layer calls, as it calls them
         ops.rms_norm(x, w, 1e-6)
@@ -121,8 +122,10 @@ def test_no_host_sync_in_the_step_ops():
         ops.lora_linear(x, y, A, B, offs, slot, batch=build_lora_batch(slot, S))
         ops.store_kv(kv, kv, kc, vc, slots)
         ops.rope_store(q, kv, kv, slots, cos, sin, kc, vc, slots, hw, hw, 1e-6)
+        ops.rope_store(q, kv, kv, slots, cos, sin, kc, vc, slots, hw, hw, 1e-6, k_new)
         ops.paged_attention(q, kc, vc, tables, ctx, qsl, 0.125, max_query_len=1)
         ops.paged_attention(q, kc, vc, tables, ctx, qsl, 0.125)
+        ops.paged_attention(q, kc, vc, tables, ctx, qsl, 0.125, k_new=k_new, v_new=kv)  # prefill kernel
         ops.router_topk(logits, 4, True, True)
 
     step()
