@@ -53,9 +53,9 @@ def _attend_step(q, acc, m_i, l_i, n0, q_pos, kv_end, k_base, v_base, head_off, 
     decode: the heads of one KV head). PAGED: k_base / v_base are the caches, key n of this KV head (offset
     head_off) sits in block table_row[n // block_size] (block stride stride_kb, row stride stride_ko for both
     caches); else they are a contiguous run of rows of this sequence at this KV head (key n at row n, row strides
-    stride_ko / stride_vo; head_off unused). MASKED: keys
-    from kv_end on are masked, and with CAUSAL those past each row's position q_pos too; without MASKED every key
-    of the step is visible to every row (no masks on the scores or the loads but past D)."""
+    stride_ko / stride_vo; head_off unused). MASKED: keys from kv_end on are masked, and with CAUSAL those past
+    each row's position q_pos too; without MASKED every key of the step is visible to every row (no masks on the
+    scores or the loads but past D)."""
     k_pos = n0 + tl.arange(0, BLOCK_N)
     mask_n = k_pos < kv_end
     k_ptrs = k_base + offs_d[:, None] * stride_d  # [BLOCK_D, BLOCK_N] after the row offsets below
