@@ -31,6 +31,7 @@ from lorax.kernels.bench_support import _rel_err, _time
 
 # bucket -> workloads (cached keys per sequence, new query rows per sequence, sequences)
 PREFILL_WORKLOADS: dict[int, list[tuple[int, int, int]]] = {
+    16: [(16, 16, 32), (1040, 16, 8)],
     128: [(128, 128, 16), (1152, 128, 4)],
     512: [(512, 512, 1), (512, 512, 8), (2560, 512, 1)],
     1024: [(1024, 1024, 1), (3072, 1024, 1)],
@@ -42,6 +43,10 @@ DECODE_BATCHES = (1, 8, 32, 64, 128, 512)
 DECODE_CONTEXT = 1024
 PREFILL_GRID = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
                 for m, n, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
+# buckets of at most SMALL_BOUND rows take short tiles instead (a 64-row tile on 16 rows is 3/4 masked)
+SMALL_BOUND = 32
+SMALL_PREFILL_GRID = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=s)
+                      for m, n, s in itertools.product((16, 32), (32, 64, 128), (2, 3, 4))]
 DECODE_GRID = [dict(BLOCK_N=n, num_warps=4, num_stages=s) for n, s in itertools.product((32, 64, 128), (2, 3))]
 REF_ROWS = 2048  # workloads up to this many query rows are also checked against the torch reference
 
@@ -106,7 +111,8 @@ def tune(shape: tuple[int, int, int, int], device: torch.device, log: Any = prin
     p_key, d_key = f"prefill_kv_D{D}_G{n_h // n_kv}", f"decode_D{D}_G{n_h // n_kv}"  # prefill: the k_new path
     for bucket, wls in (prefill if prefill is not None else PREFILL_WORKLOADS).items():
         log(f"{p_key} bound {bucket}: workloads (cached, rows, sequences) {wls}")
-        cfg, times = _sweep(wls, prefill_grid or PREFILL_GRID, False, shape, device, log)
+        grid = prefill_grid or (SMALL_PREFILL_GRID if bucket <= SMALL_BOUND else PREFILL_GRID)
+        cfg, times = _sweep(wls, grid, False, shape, device, log)
         report[f"{p_key} {bucket}"] = times
         if cfg is not None:
             table.setdefault(p_key, {})[str(bucket)] = cfg
@@ -127,7 +133,16 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--prefill-buckets", default=",".join(map(str, PREFILL_WORKLOADS)),
+                    help="comma-separated prefill buckets to sweep, of " + ",".join(map(str, PREFILL_WORKLOADS))
+                    + " (empty: none)")
+    ap.add_argument("--decode-batches", default=",".join(map(str, DECODE_BATCHES)),
+                    help="comma-separated decode batch sizes to sweep (empty: none)")
     args = ap.parse_args()
+    buckets = [int(b) for b in args.prefill_buckets.split(",") if b]
+    unknown = sorted(set(buckets) - set(PREFILL_WORKLOADS))
+    if unknown:
+        raise SystemExit(f"attn_tune: no prefill workloads for bucket(s) {unknown}; known: {list(PREFILL_WORKLOADS)}")
     if not torch.cuda.is_available():
         raise SystemExit("attn_tune: needs a CUDA GPU")
     os.makedirs(args.out_dir, exist_ok=True)
@@ -135,7 +150,8 @@ def main() -> None:
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     table, report = tune((args.heads, args.kv_heads, args.head_dim, args.block_size), device,
-                         log=lambda m: print(m, flush=True))
+                         log=lambda m: print(m, flush=True), prefill={b: PREFILL_WORKLOADS[b] for b in buckets},
+                         decode_batches=tuple(int(b) for b in args.decode_batches.split(",") if b))
     with open(os.path.join(args.out_dir, "attention.json"), "w") as f:
         json.dump({name: table}, f, indent=1)
     with open(os.path.join(args.out_dir, "attn_tune_report.json"), "w") as f:

@@ -44,3 +44,19 @@ def test_a_config_with_a_wrong_result_is_dropped(device: str, monkeypatch: pytes
     table, report = _tune(device)
     assert KEY(bad) not in report["prefill_kv_D16_G2 16"]
     assert table["prefill_kv_D16_G2"]["16"] != bad and KEY(GRID[0]) in report["prefill_kv_D16_G2 16"]
+
+
+def test_short_buckets_sweep_short_tiles(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buckets of at most SMALL_BOUND rows sweep the short-tile grid, longer ones the main grid."""
+    monkeypatch.setattr(at, "SMALL_PREFILL_GRID", GRID[:1])
+    monkeypatch.setattr(at, "PREFILL_GRID", GRID[1:2])
+    _, report = at.tune(SHAPE, torch.device(device), log=lambda m: None,
+                        prefill={16: [(16, 16, 1)], 64: [(40, 40, 1)]}, decode_batches=())
+    assert set(report["prefill_kv_D16_G2 16"]) == {"default", KEY(GRID[0])}
+    assert set(report["prefill_kv_D16_G2 64"]) == {"default", KEY(GRID[1])}
+
+
+def test_cli_refuses_a_bucket_it_has_no_workloads_for(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("sys.argv", ["attn_tune", "--out-dir", str(tmp_path), "--prefill-buckets", "16,100"])
+    with pytest.raises(SystemExit, match=r"bucket\(s\) \[100\]"):
+        at.main()
