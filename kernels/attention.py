@@ -261,6 +261,8 @@ def paged_attention(
         a measured entry of kernels/configs/attention.json for this GPU and head shape is used.
     """
     _check_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
+    if not float(scale) > 0:  # the kernels scale the running max, which needs a positive scale
+        raise ValueError(f"paged_attention: scale must be positive, got {scale}")
     T, n_h, D = q.shape
     B, bs, n_kv = context_lens.shape[0], k_cache.shape[1], k_cache.shape[2]
     if out is None:

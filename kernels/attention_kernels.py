@@ -82,15 +82,15 @@ def _attend_step(q, acc, m_i, l_i, n0, q_pos, kv_end, k_base, v_base, head_off, 
     if CAST_FP32:
         kt = kt.to(tl.float32)
         vb = vb.to(tl.float32)
-    s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    s = tl.dot(q, kt, input_precision=DOT_PREC)  # unscaled: the scale rides on the exponent's FMA below
     if MASKED:
         keep = mask_n[None, :]
         if CAUSAL:
             keep = keep & (k_pos[None, :] <= q_pos[:, None])
         s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # running max in scaled (base-2) units; qk_scale > 0
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=DOT_PREC)
     return acc, m_new, l_i

@@ -200,6 +200,9 @@ def test_rejects_bad_metadata(device):
         paged_attention(q, kc, vc, tables, ctx.long(), qsl, 0.25)
     with pytest.raises(ValueError, match="multiple"):
         paged_attention(q[:, :3], kc, vc, tables, ctx, qsl, 0.25)
+    for bad in (0.0, -0.25):
+        with pytest.raises(ValueError, match="scale must be positive"):
+            paged_attention(q, kc, vc, tables, ctx, qsl, bad)
     with pytest.raises(ValueError, match="int64"):
         store_kv(q[:, :2], q[:, :2], kc, vc, torch.zeros(5, dtype=torch.int32, device=device))
 
