@@ -16,10 +16,10 @@ from lorax.kernels.registry import KernelOps
 class Attention(nn.Module):
     # Prefill steps hand the attention this step's keys and values beside their queries (rope_store keeps the
     # rotated k, v is the qkv output), so that only a cached prefix goes through the block table
-    # (`paged_attention(k_new=, v_new=)`). Off until the path has run and been tuned on a GPU: its kernel and
-    # tests are in place and pass on the CPU interpreter; a scratch kernel of the same loads measured 85.0 us
-    # against 139.5 us for one 2048-token sequence on an H100 (docs/BENCHMARKS.md, "Attention").
-    prefill_new_kv = False
+    # (`paged_attention(k_new=, v_new=)`): 104.6 against 138.8 us for one 2048-token sequence on an H100, 1.25 against
+    # 1.71 ms at 8192 (docs/BENCHMARKS.md, "Attention"). False reads every key through the table (the path
+    # before it), kept for A/B runs and tested beside it.
+    prefill_new_kv = True
 
     def __init__(
         self, cfg: ModelConfig, rope: RotaryEmbedding, ops: KernelOps, dtype: torch.dtype, device: torch.device

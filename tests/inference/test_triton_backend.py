@@ -127,13 +127,17 @@ def test_triton_backend_segment_schedule_matches_merged_oracle(tmp_path: Path, m
         assert max(a or 0 for a, _ in seen) == len([n for n in names if n]), seen  # the step's adapters
 
 
-def test_triton_backend_prefill_new_kv_matches_merged_oracles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("new_kv", [True, False], ids=["k_new", "all_keys_paged"])
+def test_triton_backend_prefill_attention_paths_match_merged_oracles(
+    new_kv: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Prefill attention reading each step's keys beside their queries (rope_store's k_out, the qkv output's v)
-    and only the cached prefix through the block table: chunks of 4 tokens, so most steps have a prefix."""
+    and only the cached prefix through the block table (the default), or every key through the table: chunks of
+    4 tokens, so most steps have a prefix."""
     from lorax.inference.layers.attention import Attention
     from lorax.kernels import attention as attn
 
-    monkeypatch.setattr(Attention, "prefill_new_kv", True)
+    monkeypatch.setattr(Attention, "prefill_new_kv", new_kv)
     base_check = attn._check_new_kv
     taken: list[bool] = []
 
@@ -148,4 +152,4 @@ def test_triton_backend_prefill_new_kv_matches_merged_oracles(tmp_path: Path, mo
     llm = LLM(str(path), adapters=ads, device=DEVICE, dtype="float32", kernel_backend="triton",
               max_model_len=32, max_lora_rank=8, max_num_batched_tokens=4, enforce_eager=True)
     _generate_matches_oracles(llm, hf, ads, [None, "pe"])
-    assert taken and all(taken)  # every prefill launch took the k_new path
+    assert taken and all(t == new_kv for t in taken)  # every prefill launch took the chosen path
