@@ -16,8 +16,8 @@ from lorax.kernels.registry import KernelOps
 class Attention(nn.Module):
     # Prefill steps hand the attention this step's keys and values beside their queries (rope_store keeps the
     # rotated k, v is the qkv output), so that only a cached prefix goes through the block table
-    # (`paged_attention(k_new=, v_new=)`): 104.6 against 138.8 us for one 2048-token sequence on an H100, 1.25 against
-    # 1.71 ms at 8192 (docs/BENCHMARKS.md, "Attention"). False reads every key through the table (the path
+    # (`paged_attention(k_new=, v_new=)`): 102.9 against 136.1 us for one 2048-token sequence on an H100, 1.20 against
+    # 1.69 ms at 8192 (docs/BENCHMARKS.md, "Attention"). False reads every key through the table (the path
     # before it), kept for A/B runs and tested beside it.
     prefill_new_kv = True
 
