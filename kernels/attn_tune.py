@@ -1,6 +1,7 @@
 """Block-config sweep of paged attention (kernels/attention.py) on the GPU it runs on:
 
     python -m lorax.kernels.attn_tune --out-dir DIR [--heads 32 --kv-heads 4 --head-dim 128]
+        [--prefill-buckets 16,128,...] [--decode-batches 1,8,...]  (an empty list sweeps none of that kind)
 
 writes DIR/attention.json ({GPU name: {"prefill_kv_D{D}_G{G}": {bound: config}, "decode_D{D}_G{G}": {batch: config}}},
 the layout of kernels/configs/attention.json, whose entries it is meant to be merged into by hand) and
